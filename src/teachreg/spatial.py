@@ -1,0 +1,373 @@
+"""Coordinate grids, affine transforms, resampling and warping with dense displacement fields.
+
+Conventions used throughout `teachreg`:
+
+- an image is `[batch, D, H, W]` or `[batch, D, H, W, C]`;
+- a point, grid or coordinate array ends in an axis of 3 holding voxel coordinates in the order
+  of the array axes (d, h, w); voxel `(i, j, k)` sits at coordinate `(i, j, k)`;
+- a dense displacement field (DDF) is `[batch, D, H, W, 3]` in voxels and pulls: the warped image
+  at `x` is the moving image at `x + ddf(x)` ("backward" warping, no holes);
+- an affine is `[batch, 4, 3]` acting on row vectors, as in DeepReg: `[x, 1] @ affine`; the
+  identity is `[[1,0,0], [0,1,0], [0,0,1], [0,0,0]]`.
+
+Every function is differentiable with respect to images, DDFs and affine parameters, except
+through nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from teachreg import _validate
+from teachreg.filters import gaussian_kernel1d, separable_filter
+
+Shape3 = Sequence[int]
+
+
+def reference_grid(shape: Shape3) -> tf.Tensor:
+    """The voxel coordinates of a volume of `shape` (D, H, W): float32 `[D, H, W, 3]`."""
+    return _grid(_shape3(shape))
+
+
+def _grid(shape) -> tf.Tensor:
+    axes = [tf.range(shape[i], dtype=tf.float32) for i in range(3)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def identity_affine(batch_size: int = 1) -> tf.Tensor:
+    """The identity transform, `[batch_size, 4, 3]`."""
+    return tf.tile(tf.eye(4, 3)[None], [batch_size, 1, 1])
+
+
+def warp_grid(grid, affine) -> tf.Tensor:
+    """Transform a grid `[D, H, W, 3]` (voxels) by affines `[batch, 4, 3]`: `[batch, D, H, W, 3]`."""
+    grid = _validate.as_float_tensor("grid", grid, (4,), "[D, H, W, 3]", last_dim=3)
+    affine = _affine(affine)
+    homogeneous = tf.concat([grid, tf.ones_like(grid[..., :1])], axis=-1)
+    return tf.einsum("dhwi,bij->bdhwj", homogeneous, affine)
+
+
+def affine_to_ddf(affine, shape: Shape3) -> tf.Tensor:
+    """The DDF `[batch, D, H, W, 3]` (voxels) of affines `[batch, 4, 3]` on a volume of `shape`."""
+    grid = reference_grid(shape)
+    return warp_grid(grid, affine) - grid[None]
+
+
+def affine_from_parameters(
+    rotations=(0.0, 0.0, 0.0),
+    scales=(1.0, 1.0, 1.0),
+    shears=(0.0, 0.0, 0.0),
+    translations=(0.0, 0.0, 0.0),
+    center=(0.0, 0.0, 0.0),
+) -> tf.Tensor:
+    """Build affines `[batch, 4, 3]` from parameters, each `[3]` or `[batch, 3]`.
+
+    The transform maps a point `x` (voxels) to `R @ Sh @ S @ (x - center) + center + translations`:
+    `rotations` are angles in degrees about the axes d, h and w (applied in that order), `scales`
+    multiply each axis, `shears` are the (dh, dw, hw) entries of a unit upper-triangular matrix
+    and `translations` are in voxels. Differentiable with respect to every parameter.
+    """
+    params = [tf.convert_to_tensor(p, tf.float32) for p in (rotations, scales, shears, translations, center)]
+    batched = any(p.shape.rank == 2 for p in params)
+    params = [p if p.shape.rank == 2 else p[None] for p in params]
+    for name, p in zip(("rotations", "scales", "shears", "translations", "center"), params):
+        if p.shape.rank != 2 or p.shape[-1] != 3:
+            raise ValueError(f"{name} must have shape [3] or [batch, 3], got {tuple(p.shape)}.")
+    rotations, scales, shears, translations, center = params
+    angles = rotations * (np.pi / 180.0)
+    cos, sin = tf.cos(angles), tf.sin(angles)
+    zero, one = tf.zeros_like(cos[:, 0]), tf.ones_like(cos[:, 0])
+
+    def matrix(rows):
+        return tf.stack([tf.stack(r, axis=-1) for r in rows], axis=-2)
+
+    rot_d = matrix([[one, zero, zero], [zero, cos[:, 0], -sin[:, 0]], [zero, sin[:, 0], cos[:, 0]]])
+    rot_h = matrix([[cos[:, 1], zero, sin[:, 1]], [zero, one, zero], [-sin[:, 1], zero, cos[:, 1]]])
+    rot_w = matrix([[cos[:, 2], -sin[:, 2], zero], [sin[:, 2], cos[:, 2], zero], [zero, zero, one]])
+    shear = matrix([[one, shears[:, 0], shears[:, 1]], [zero, one, shears[:, 2]], [zero, zero, one]])
+    linear = rot_w @ rot_h @ rot_d @ shear @ tf.linalg.diag(scales)
+    offset = center + translations - tf.einsum("bij,bj->bi", linear, center)
+    affine = tf.concat([tf.transpose(linear, [0, 2, 1]), offset[:, None, :]], axis=1)
+    return affine if batched else affine[:1]
+
+
+def random_affine(batch_size: int, scale: float, seed: int | None = None, shape: Shape3 | None = None) -> tf.Tensor:
+    """Random affines `[batch_size, 4, 3]`, as DeepReg's `random_transform_generator`.
+
+    Four corners of the cube [-1, 1]^3 are moved by multiplying each coordinate by a factor drawn
+    uniformly from [1 - scale, 1], and the affine mapping the old corners onto the new ones is
+    solved for. `scale` in [0, 1); 0 gives the identity. With `shape` (D, H, W) the cube spans the
+    volume, so the transform acts about the volume's centre in voxel units; without it the affine
+    acts on voxel coordinates directly, as in DeepReg. Seeded with `seed` (NumPy generator).
+    """
+    if not 0 <= scale < 1:
+        raise ValueError(f"scale must be in [0, 1), got {scale}.")
+    rng = np.random.default_rng(seed)
+    old = np.array([[-1, -1, -1, 1], [-1, -1, 1, 1], [-1, 1, -1, 1], [1, -1, -1, 1]], np.float64)
+    new = old[None, :, :3] * rng.uniform(1 - scale, 1, size=(batch_size, 4, 3))
+    theta = np.stack([np.linalg.solve(old, n) for n in new])  # [batch, 4, 3] in the cube's frame
+    if shape is not None:
+        half = (np.asarray(_shape3(shape), np.float64) - 1) / 2
+        # voxel -> cube: (x - half) / half; cube -> voxel: y * half + half
+        to_cube = np.vstack([np.diag(1 / half), -np.ones((1, 3))])
+        to_cube = np.hstack([to_cube, np.eye(4)[:, 3:]])  # [4, 4] on row vectors
+        theta = np.einsum("ij,bjk->bik", to_cube, theta) * half
+        theta[:, 3] += half
+    return tf.constant(theta, tf.float32)
+
+
+def resample(volume, coordinates, interpolation: str = "linear", padding: str = "border") -> tf.Tensor:
+    """Sample `volume` at `coordinates` (voxels).
+
+    volume: `[batch, D, H, W]` or `[batch, D, H, W, C]`; coordinates: `[batch, ..., 3]` (batch 1 is
+    broadcast against the volume's batch). Returns `[batch, ...]`, with `C` last if the volume had
+    channels. `interpolation` is "linear" (trilinear, differentiable in volume and coordinates) or
+    "nearest" (keeps label values). Border handling, `padding`: "border" repeats the edge voxels
+    for coordinates outside the volume; "zeros" treats the outside as 0, so linear interpolation
+    fades to 0 over the first voxel outside.
+    """
+    has_channels = _rank(volume) == 5
+    volume = _validate.image("volume", volume)
+    coordinates = _validate.as_float_tensor("coordinates", coordinates, (2, 3, 4, 5, 6), "[batch, ..., 3]", last_dim=3)
+    _check_options(interpolation, padding)
+    coordinates = _match_batch(volume, coordinates)
+    fn = _resample_linear if interpolation == "linear" else _resample_nearest
+    out = fn(volume, coordinates, padding == "zeros")
+    return out if has_channels else out[..., 0]
+
+
+def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> tf.Tensor:
+    """Warp `image` `[batch, D, H, W(, C)]` with `ddf` `[batch, D, H, W, 3]` (voxels).
+
+    `warped(x) = image(x + ddf(x))`; the output has the DDF's spatial shape and the image's
+    channels. See `resample` for `interpolation` and `padding`.
+    """
+    has_channels = _rank(image) == 5
+    volume = _validate.image("image", image)
+    ddf = _match_batch(volume, _validate.ddf("ddf", ddf))
+    _check_options(interpolation, padding)
+    if interpolation == "linear":
+        out = _warp_linear(volume, ddf, padding == "zeros")
+    else:
+        out = _resample_nearest(volume, _grid(tf.shape(ddf)[1:4])[None] + ddf, padding == "zeros")
+    return out if has_channels else out[..., 0]
+
+
+def compose_ddf(first, second) -> tf.Tensor:
+    """The DDF `[batch, D, H, W, 3]` that warps like `first` followed by `second`.
+
+    `warp(warp(image, first), second) == warp(image, compose_ddf(first, second))` up to
+    interpolation: `second(x) + first(x + second(x))`.
+    """
+    first = _validate.ddf("first", first)
+    second = _validate.ddf("second", second)
+    return second + warp(first, second)
+
+
+def svf_to_ddf(svf, steps: int = 7) -> tf.Tensor:
+    """Integrate a stationary velocity field `[batch, D, H, W, 3]` (voxels) by scaling and squaring.
+
+    The field is divided by `2 ** steps` and composed with itself `steps` times, giving a DDF of
+    the same shape whose transform is diffeomorphic when the field is smooth enough.
+    """
+    ddf = _validate.ddf("svf", svf) / (2.0**steps)
+    for _ in range(steps):
+        ddf = ddf + warp(ddf, ddf)
+    return ddf
+
+
+def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
+    """Finite-difference gradient of `field` `[batch, D, H, W, C]` along D, H, W (per voxel).
+
+    Returns `[batch, D, H, W, C, 3]`: central differences inside, one-sided at the borders
+    (as `numpy.gradient`). Each axis needs at least 2 voxels.
+    """
+    grads = []
+    for axis in (1, 2, 3):
+        n = field.shape[axis]
+        if n is not None and n < 2:
+            raise ValueError(f"the spatial gradient needs at least 2 voxels along each axis, got shape {tuple(field.shape)}.")
+        first = tf.gather(field, [1], axis=axis) - tf.gather(field, [0], axis=axis)
+        last = tf.gather(field, [n - 1], axis=axis) - tf.gather(field, [n - 2], axis=axis)
+        inner = (tf.gather(field, tf.range(2, n), axis=axis) - tf.gather(field, tf.range(0, n - 2), axis=axis)) / 2
+        grads.append(tf.concat([first, inner, last], axis=axis))
+    return tf.stack(grads, axis=-1)
+
+
+def jacobian_determinant(ddf) -> tf.Tensor:
+    """The Jacobian determinant of `x -> x + ddf(x)`, `[batch, D, H, W]`, for a DDF `[batch, D, H, W, 3]`.
+
+    Values below or at 0 mark folding; 1 is volume-preserving. Finite differences as in
+    `spatial_gradient`, so an affine DDF gives exactly its matrix's determinant.
+    """
+    ddf = _validate.ddf("ddf", ddf)
+    jacobian = spatial_gradient(ddf) + tf.eye(3)
+    return tf.linalg.det(jacobian)
+
+
+def smooth(image, sigma: float) -> tf.Tensor:
+    """Gaussian smoothing of `image` `[batch, D, H, W(, C)]` with `sigma` in voxels (same shape)."""
+    has_channels = _rank(image) == 5
+    x = _validate.image("image", image)
+    out = separable_filter(x, gaussian_kernel1d(sigma)) if sigma > 0 else x
+    return out if has_channels else out[..., 0]
+
+
+def resize(volume, shape: Shape3, interpolation: str = "linear") -> tf.Tensor:
+    """Resample `volume` `[batch, D, H, W(, C)]` onto `shape`, corners aligned (first and last voxels kept)."""
+    volume_t = _validate.image("volume", volume)
+    old = np.asarray(volume_t.shape[1:4], np.float32)
+    new = np.asarray(_shape3(shape), np.float32)
+    factor = (old - 1) / np.maximum(new - 1, 1)
+    coordinates = reference_grid(shape) * factor
+    return resample(volume, coordinates[None], interpolation=interpolation)
+
+
+def downsample(image, factor: int = 2) -> tf.Tensor:
+    """Smooth `image` `[batch, D, H, W(, C)]` (sigma = factor / 2 voxels) and resize it to `(n - 1) // factor + 1` per axis."""
+    shape = [(int(n) - 1) // factor + 1 for n in image.shape[1:4]]
+    return resize(smooth(image, factor / 2), shape)
+
+
+def resize_ddf(ddf, shape: Shape3) -> tf.Tensor:
+    """Resample a DDF `[batch, D, H, W, 3]` onto `shape`, rescaling its voxel displacements to the new grid.
+
+    Used to carry a DDF between levels of a multi-resolution pyramid (corners aligned, as `resize`).
+    """
+    ddf = _validate.ddf("ddf", ddf)
+    old = np.asarray(ddf.shape[1:4], np.float32)
+    new = np.asarray(_shape3(shape), np.float32)
+    return resize(ddf, shape) * ((new - 1) / np.maximum(old - 1, 1))
+
+
+def _check_options(interpolation: str, padding: str) -> None:
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}.")
+    if padding not in ("border", "zeros"):
+        raise ValueError(f"padding must be 'border' or 'zeros', got {padding!r}.")
+
+
+def _match_batch(volume: tf.Tensor, coordinates: tf.Tensor) -> tf.Tensor:
+    """Repeat coordinates of batch 1 to the volume's batch; refuse other mismatches."""
+    batch_v, batch_c = volume.shape[0], coordinates.shape[0]
+    if batch_v is None or batch_c is None or batch_v == batch_c or batch_v == 1:
+        return coordinates
+    if batch_c == 1:
+        return tf.repeat(coordinates, batch_v, axis=0)
+    raise ValueError(f"the image batch ({batch_v}) and the coordinates or DDF batch ({batch_c}) differ; use equal batches or 1.")
+
+
+def _rank(value) -> int:
+    return len(value.shape) if hasattr(value, "shape") else np.ndim(value)
+
+
+def _shape3(shape: Shape3) -> tuple[int, int, int]:
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be three positive sizes (D, H, W), got {shape}.")
+    return shape
+
+
+def _affine(affine) -> tf.Tensor:
+    affine = _validate.as_float_tensor("affine", affine, (3,), "[batch, 4, 3]", last_dim=3)
+    if affine.shape[1] not in (None, 4):
+        raise ValueError(f"affine must have shape [batch, 4, 3], got shape {tuple(affine.shape)}.")
+    return affine
+
+
+def _padded_and_indexed(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool):
+    """Pad the volume by one voxel per side and map coordinates into it, clipped to stay inside."""
+    mode = "CONSTANT" if zeros else "SYMMETRIC"
+    padded = tf.pad(volume, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]], mode=mode)
+    size = tf.cast(tf.shape(padded)[1:4], tf.float32)
+    coords = tf.clip_by_value(coordinates + 1.0, 0.0, size - 1.0)
+    return padded, coords
+
+
+def _batch_offsets(volume: tf.Tensor, coords: tf.Tensor, voxels_per_item: tf.Tensor) -> tf.Tensor:
+    """Offsets into a flattened batch: 0 everywhere when the volume batch is 1 (broadcast)."""
+    batch = tf.shape(coords)[0]
+    offsets = tf.range(batch) * voxels_per_item * tf.cast(tf.shape(volume)[0] > 1, tf.int32)
+    return tf.reshape(offsets, [-1, 1])
+
+
+def _sample_linear(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
+    padded, coords = _padded_and_indexed(volume, coordinates, zeros)
+    out_shape = tf.shape(coords)[:-1]
+    batch = tf.shape(coords)[0]
+    coords = tf.reshape(coords, [batch, -1, 3])
+    n = tf.shape(padded)[1:4]
+    channels = tf.shape(padded)[4]
+    lower = tf.clip_by_value(tf.floor(coords), 0.0, tf.cast(n - 2, tf.float32))
+    frac = tf.reshape(coords - lower, [-1, 3])
+    lower = tf.cast(lower, tf.int32)
+    # All 8 corner values of each cell side by side, so one gather fetches a whole cell.
+    cells = tf.concat(
+        [padded[:, a : n[0] - 1 + a, b : n[1] - 1 + b, c : n[2] - 1 + c] for a in (0, 1) for b in (0, 1) for c in (0, 1)],
+        axis=-1,
+    )
+    m = n - 1
+    index = (lower[..., 0] * m[1] + lower[..., 1]) * m[2] + lower[..., 2]
+    index += _batch_offsets(volume, coords, m[0] * m[1] * m[2])
+    out = _interpolate_cells(tf.reshape(cells, [-1, 8, channels]), tf.reshape(index, [-1]), frac)
+    return tf.reshape(out, tf.concat([out_shape, [channels]], axis=0))
+
+
+@tf.custom_gradient
+def _interpolate_cells(cells: tf.Tensor, index: tf.Tensor, frac: tf.Tensor):
+    """Trilinear interpolation inside the cells `[M, 8, C]` picked by `index` `[N]` at `frac` `[N, 3]`.
+
+    Written with its own gradient: the derivatives with respect to `frac` reuse the gathered
+    corner values, which makes the backward pass about as cheap as the forward one.
+    """
+    values = tf.gather(cells, index)  # [N, 8, C]
+    w0, w1, w2 = (tf.stack([1 - frac[:, i], frac[:, i]], axis=-1) for i in range(3))
+    d = tf.constant([-1.0, 1.0])
+
+    def outer(a, b, c):
+        return tf.reshape(a[:, :, None, None] * b[:, None, :, None] * c[:, None, None, :], [-1, 8, 1])
+
+    weights = outer(w0, w1, w2)
+    out = tf.reduce_sum(values * weights, axis=1)
+
+    def grad(upstream):  # upstream [N, C]
+        ones = tf.ones_like(w0)
+        dfrac = tf.stack(
+            [
+                tf.reduce_sum(tf.reduce_sum(values * outer(ones * d, w1, w2), axis=1) * upstream, axis=-1),
+                tf.reduce_sum(tf.reduce_sum(values * outer(w0, ones * d, w2), axis=1) * upstream, axis=-1),
+                tf.reduce_sum(tf.reduce_sum(values * outer(w0, w1, ones * d), axis=1) * upstream, axis=-1),
+            ],
+            axis=-1,
+        )
+        dcells = tf.math.unsorted_segment_sum(upstream[:, None, :] * weights, index, tf.shape(cells)[0])
+        return dcells, None, dfrac
+
+    return out, grad
+
+
+@tf.function(reduce_retracing=True, jit_compile=True)
+def _resample_linear(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
+    return _sample_linear(volume, coordinates, zeros)
+
+
+@tf.function(reduce_retracing=True, jit_compile=True)
+def _warp_linear(volume: tf.Tensor, ddf: tf.Tensor, zeros: bool) -> tf.Tensor:
+    return _sample_linear(volume, _grid(tf.shape(ddf)[1:4])[None] + ddf, zeros)
+
+
+@tf.function(reduce_retracing=True)
+def _resample_nearest(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
+    padded, coords = _padded_and_indexed(volume, coordinates, zeros)
+    out_shape = tf.shape(coords)[:-1]
+    batch = tf.shape(coords)[0]
+    index3 = tf.cast(tf.round(tf.reshape(coords, [batch, -1, 3])), tf.int32)
+    n = tf.shape(padded)[1:4]
+    channels = tf.shape(padded)[4]
+    index = (index3[..., 0] * n[1] + index3[..., 1]) * n[2] + index3[..., 2]
+    index += _batch_offsets(volume, coords, n[0] * n[1] * n[2])
+    values = tf.gather(tf.reshape(padded, [-1, channels]), tf.reshape(index, [-1]))
+    return tf.reshape(values, tf.concat([out_shape, [channels]], axis=0))

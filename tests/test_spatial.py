@@ -1,0 +1,213 @@
+"""Analytic tests of grids, affines, resampling and DDF operations."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy.ndimage import map_coordinates
+
+from teachreg import spatial
+
+RNG = np.random.default_rng(0)
+
+
+def smooth_volume(shape, seed=0):
+    """A smooth random volume in [0, 1], so interpolation errors are small and meaningful."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=shape).astype(np.float32)
+    return spatial.smooth(x[None], 1.5).numpy()[0]
+
+
+def test_reference_grid_holds_voxel_indices():
+    grid = spatial.reference_grid((2, 3, 4)).numpy()
+    assert grid.shape == (2, 3, 4, 3)
+    assert np.array_equal(grid[1, 2, 3], [1, 2, 3])
+    assert np.array_equal(grid[0, 1, 0], [0, 1, 0])
+
+
+def test_identity_warp_returns_input():
+    image = RNG.uniform(size=(2, 6, 7, 8)).astype(np.float32)
+    out = spatial.warp(image, np.zeros((2, 6, 7, 8, 3), np.float32)).numpy()
+    np.testing.assert_allclose(out, image, atol=1e-6)
+    affine_out = spatial.resample(image, spatial.warp_grid(spatial.reference_grid((6, 7, 8)), spatial.identity_affine(2)))
+    np.testing.assert_allclose(affine_out.numpy(), image, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [(1, 0, 0), (0, -2, 1), (2, 1, -3)])
+def test_integer_translation_shifts_the_array(shift):
+    image = RNG.uniform(size=(1, 10, 11, 12)).astype(np.float32)
+    ddf = np.broadcast_to(np.asarray(shift, np.float32), (1, 10, 11, 12, 3))
+    out = spatial.warp(image, ddf).numpy()[0]
+    expected = np.roll(image[0], [-s for s in shift], axis=(0, 1, 2))
+    interior = tuple(slice(3, -3) for _ in range(3))
+    np.testing.assert_allclose(out[interior], expected[interior], atol=1e-6)
+
+
+@pytest.mark.parametrize("padding,mode", [("border", "nearest"), ("zeros", "constant")])
+def test_linear_resampling_matches_scipy(padding, mode):
+    volume = smooth_volume((12, 13, 14))
+    coords = RNG.uniform(-2, 15, size=(5, 6, 7, 3)).astype(np.float32)
+    ours = spatial.resample(volume[None], coords[None], padding=padding).numpy()[0]
+    theirs = map_coordinates(volume, np.moveaxis(coords, -1, 0), order=1, mode=mode, cval=0.0)
+    if padding == "zeros":  # scipy's 'constant' mode is 0 beyond the last voxel, ours fades over one voxel
+        inside = np.all((coords >= 0) & (coords <= np.array([11, 12, 13])), axis=-1)
+        ours, theirs = ours[inside], theirs[inside]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_resampling_with_channels_and_batch():
+    volume = RNG.uniform(size=(2, 5, 6, 7, 3)).astype(np.float32)
+    coords = RNG.uniform(0, 4, size=(2, 4, 4, 4, 3)).astype(np.float32)
+    out = spatial.resample(volume, coords).numpy()
+    assert out.shape == (2, 4, 4, 4, 3)
+    for b in range(2):
+        for c in range(3):
+            ref = map_coordinates(volume[b, ..., c], np.moveaxis(coords[b], -1, 0), order=1)
+            np.testing.assert_allclose(out[b, ..., c], ref, atol=1e-5)
+
+
+def test_nearest_keeps_label_values():
+    labels = RNG.integers(0, 4, size=(1, 8, 9, 10)).astype(np.float32)
+    ddf = RNG.uniform(-3, 3, size=(1, 8, 9, 10, 3)).astype(np.float32)
+    out = spatial.warp(labels, ddf, interpolation="nearest").numpy()
+    assert set(np.unique(out)) <= {0.0, 1.0, 2.0, 3.0}
+    coords = np.moveaxis(spatial.reference_grid((8, 9, 10)).numpy() + ddf[0], -1, 0)
+    np.testing.assert_array_equal(out[0], map_coordinates(labels[0], coords, order=0, mode="nearest"))
+
+
+def test_gradients_match_finite_differences():
+    volume = tf.constant(smooth_volume((8, 8, 8))[None], tf.float32)
+    ddf = tf.constant(RNG.uniform(-1.5, 1.5, size=(1, 8, 8, 8, 3)).astype(np.float32))
+    weights = tf.constant(RNG.normal(size=(1, 8, 8, 8)).astype(np.float32))
+
+    def loss(v, d):
+        return tf.reduce_sum(spatial.warp(v, d) * weights)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([volume, ddf])
+        value = loss(volume, ddf)
+    grad_ddf, grad_volume = tape.gradient(value, ddf), tape.gradient(value, volume)
+    eps = 1e-2
+    for index in [(0, 3, 4, 2, 0), (0, 5, 1, 6, 1), (0, 2, 2, 2, 2)]:
+        step = np.zeros(ddf.shape, np.float32)
+        step[index] = eps
+        numeric = (loss(volume, ddf + step) - loss(volume, ddf - step)) / (2 * eps)
+        np.testing.assert_allclose(grad_ddf.numpy()[index], numeric.numpy(), rtol=2e-2, atol=2e-3)
+    for index in [(0, 3, 3, 3), (0, 0, 7, 4)]:
+        step = np.zeros(volume.shape, np.float32)
+        step[index] = 1.0
+        numeric = loss(volume + step, ddf) - loss(volume, ddf)  # the warp is linear in the volume
+        np.testing.assert_allclose(grad_volume.numpy()[index], numeric.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_affine_gradient_matches_finite_differences():
+    volume = tf.constant(smooth_volume((10, 10, 10))[None])
+    fixed = tf.constant(smooth_volume((10, 10, 10), seed=1)[None])
+    grid = spatial.reference_grid((10, 10, 10))
+    params = tf.constant([[5.0, -3.0, 2.0]])
+
+    def loss(rotations):
+        affine = spatial.affine_from_parameters(rotations=rotations, center=(4.5, 4.5, 4.5))
+        return tf.reduce_mean((spatial.resample(volume, spatial.warp_grid(grid, affine)) - fixed) ** 2)
+
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        value = loss(params)
+    grad = tape.gradient(value, params).numpy()
+    for i in range(3):
+        step = np.zeros((1, 3), np.float32)
+        step[0, i] = 0.05
+        numeric = (loss(params + step) - loss(params - step)) / 0.1
+        np.testing.assert_allclose(grad[0, i], numeric.numpy(), rtol=5e-2, atol=1e-5)
+
+
+def test_affine_parameters_compose_as_documented():
+    affine = spatial.affine_from_parameters(
+        rotations=(0.0, 0.0, 90.0), scales=(2.0, 1.0, 1.0), translations=(1.0, 2.0, 3.0), center=(1.0, 1.0, 1.0)
+    ).numpy()[0]
+    point = np.array([2.0, 1.0, 1.0])
+    # scale axis 0 by 2 about the centre: (3, 1, 1); rotate 90 degrees about w: (d, h) -> (-h, d) about the centre
+    expected = np.array([1.0, 3.0, 1.0]) + np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(np.append(point, 1) @ affine, expected, atol=1e-5)
+
+
+def test_random_affine_is_seeded_and_centred():
+    a = spatial.random_affine(3, 0.2, seed=7, shape=(37, 128, 128)).numpy()
+    b = spatial.random_affine(3, 0.2, seed=7, shape=(37, 128, 128)).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (3, 4, 3)
+    assert not np.allclose(a, spatial.random_affine(3, 0.2, seed=8, shape=(37, 128, 128)).numpy())
+    np.testing.assert_allclose(spatial.random_affine(2, 0.0, seed=1).numpy(), spatial.identity_affine(2).numpy(), atol=1e-6)
+    # each coordinate of the cube's corners shrinks by at most 20 %, so the volume's corners move at most 20 % of the half-size
+    half = (np.array([37, 128, 128]) - 1) / 2
+    corner = np.append(2 * half, 1)
+    assert np.all(np.abs(corner @ a[0] - corner[:3]) <= 0.2 * 2 * half + 1e-3)
+
+
+def test_jacobian_of_affine_ddf_is_its_determinant():
+    matrix = np.array([[1.1, 0.2, 0.0], [0.05, 0.9, 0.1], [0.0, -0.1, 1.2]], np.float32)
+    affine = np.vstack([matrix.T, [1.0, -2.0, 0.5]])[None].astype(np.float32)
+    ddf = spatial.affine_to_ddf(affine, (6, 7, 8))
+    det = spatial.jacobian_determinant(ddf).numpy()
+    np.testing.assert_allclose(det, np.linalg.det(matrix), rtol=1e-4)
+
+
+def test_scaling_and_squaring_of_constant_field_is_translation():
+    svf = np.broadcast_to(np.array([1.5, -0.5, 2.0], np.float32), (1, 12, 12, 12, 3))
+    ddf = spatial.svf_to_ddf(svf).numpy()
+    np.testing.assert_allclose(ddf, svf, atol=1e-5)
+
+
+def test_scaling_and_squaring_inverts_with_negated_field():
+    grid = spatial.reference_grid((16, 16, 16)).numpy()
+    svf = 2.0 * np.sin(grid / 5.0)[None].astype(np.float32)
+    forward, backward = spatial.svf_to_ddf(svf), spatial.svf_to_ddf(-svf)
+    roundtrip = spatial.compose_ddf(forward, backward).numpy()
+    interior = (0, slice(3, -3), slice(3, -3), slice(3, -3))
+    assert np.abs(roundtrip[interior]).max() < 0.1
+    assert spatial.jacobian_determinant(forward).numpy().min() > 0
+
+
+def test_compose_matches_sequential_warps():
+    image = smooth_volume((14, 14, 14))[None]
+    grid = spatial.reference_grid((14, 14, 14)).numpy()
+    first = (0.8 * np.sin(grid / 4.0))[None].astype(np.float32)
+    second = (0.6 * np.cos(grid / 3.0))[None].astype(np.float32)
+    sequential = spatial.warp(spatial.warp(image, first), second).numpy()
+    composed = spatial.warp(image, spatial.compose_ddf(first, second)).numpy()
+    interior = (0, slice(3, -3), slice(3, -3), slice(3, -3))
+    np.testing.assert_allclose(composed[interior], sequential[interior], atol=0.02)
+
+
+def test_resize_ddf_keeps_physical_displacement():
+    # an affine DDF resampled to a finer grid is the same affine expressed in finer voxels
+    affine = spatial.affine_from_parameters(rotations=(0.0, 10.0, 0.0), center=(4.0, 4.0, 4.0))
+    coarse = spatial.affine_to_ddf(affine, (9, 9, 9))
+    fine = spatial.resize_ddf(coarse, (17, 17, 17)).numpy()
+    expected = spatial.affine_from_parameters(rotations=(0.0, 10.0, 0.0), center=(8.0, 8.0, 8.0))
+    np.testing.assert_allclose(fine, spatial.affine_to_ddf(expected, (17, 17, 17)).numpy(), atol=1e-4)
+
+
+def test_downsample_halves_the_grid_and_keeps_constants():
+    image = np.full((1, 37, 128, 128), 3.0, np.float32)
+    small = spatial.downsample(image).numpy()
+    assert small.shape == (1, 19, 64, 64)
+    np.testing.assert_allclose(small[:, 2:-2, 2:-2, 2:-2], 3.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,argument",
+    [
+        (lambda: spatial.warp(np.zeros((4, 5, 6)), np.zeros((1, 4, 5, 6, 3))), "image"),
+        (lambda: spatial.warp(np.zeros((1, 4, 5, 6)), np.zeros((1, 4, 5, 6, 2))), "ddf"),
+        (lambda: spatial.warp(np.zeros((1, 4, 5, 6)), np.full((1, 4, 5, 6, 3), np.nan)), "ddf"),
+        (lambda: spatial.warp(np.array([[[["a"]]]]), np.zeros((1, 1, 1, 1, 3))), "image"),
+        (lambda: spatial.resample(np.zeros((1, 4, 5, 6)), np.zeros((1, 4, 2))), "coordinates"),
+        (lambda: spatial.warp_grid(np.zeros((4, 5, 6, 3)), np.zeros((1, 3, 3))), "affine"),
+        (lambda: spatial.jacobian_determinant(np.zeros((4, 5, 6, 3))), "ddf"),
+        (lambda: spatial.resample(np.full((1, 2, 2, 2), np.inf), np.zeros((1, 1, 1, 1, 3))), "volume"),
+    ],
+)
+def test_bad_input_names_the_argument_and_shape(call, argument):
+    with pytest.raises(ValueError, match=rf"{argument}.*\[") as info:
+        call()
+    assert "shape" in str(info.value)
