@@ -1,0 +1,286 @@
+"""Download, verify and cache the course's data files, as listed in ``data_manifest.yaml``.
+
+Files are cached under ``data_dir()``, each at its manifest ``name`` (``hnct/demo.h5``, ...).
+Environment variables:
+
+- ``TEACHREG_DATA_DIR``: the cache directory (default: ``pooch.os_cache("teachreg")``).
+- ``TEACHREG_DATA_MIRROR``: a mirror tried before the upstream URL, either a directory laid out
+  as ``sha256/<hex digest>`` or a base URL (then ``BASE/sha256/<hex digest>`` is downloaded).
+
+Every file is checked against its SHA-256 before it lands in the cache (writes are atomic: a
+temporary file in the cache directory, then ``os.replace``), and a cached file is re-hashed the
+first time a process uses it, so a truncated or corrupted file is downloaded again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pooch
+import yaml
+
+DATA_DIR_ENV = "TEACHREG_DATA_DIR"
+MIRROR_ENV = "TEACHREG_DATA_MIRROR"
+TIMEOUT_S = 60
+
+
+class DataError(Exception):
+    """Base class of the errors raised by ``teachreg.data``."""
+
+
+class UnknownDatasetError(DataError, LookupError):
+    """A dataset name that is not in the manifest."""
+
+
+class DownloadError(DataError, ConnectionError):
+    """A file could not be obtained from the mirror or from upstream."""
+
+
+class ChecksumError(DataError, ValueError):
+    """A file's SHA-256 differs from the manifest's."""
+
+
+class CacheError(DataError, OSError):
+    """The cache directory cannot be created or written."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file: its cache path ``name``, upstream ``url``, ``sha256`` and ``size`` in bytes."""
+
+    name: str
+    url: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named group of files with their description, licence and citation."""
+
+    name: str
+    description: str
+    license: str
+    citation: str
+    files: tuple[FileEntry, ...]
+
+    @property
+    def size(self) -> int:
+        """Total size in bytes."""
+        return sum(f.size for f in self.files)
+
+
+@functools.cache
+def manifest() -> dict[str, Dataset]:
+    """The datasets of ``teachreg/data_manifest.yaml``, by name."""
+    text = resources.files("teachreg").joinpath("data_manifest.yaml").read_text(encoding="utf-8")
+    return {
+        name: Dataset(
+            name=name,
+            description=d["description"],
+            license=d["license"],
+            citation=d["citation"],
+            files=tuple(FileEntry(**f) for f in d["files"]),
+        )
+        for name, d in yaml.safe_load(text)["datasets"].items()
+    }
+
+
+def dataset(name: str) -> Dataset:
+    """The manifest entry of dataset ``name``; UnknownDatasetError lists the known ones."""
+    datasets = manifest()
+    if name not in datasets:
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(datasets)} "
+            "(run `teachreg data list`)"
+        )
+    return datasets[name]
+
+
+def data_dir() -> Path:
+    """The cache directory: ``$TEACHREG_DATA_DIR`` or ``pooch.os_cache("teachreg")``."""
+    return Path(os.environ.get(DATA_DIR_ENV) or pooch.os_cache("teachreg"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Cached files verified by this process: path -> (size, mtime_ns) when they were hashed.
+_verified: dict[Path, tuple[int, int]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _is_valid(path: Path, entry: FileEntry) -> bool:
+    """True if ``path`` holds ``entry``'s bytes (hashed once per process while unchanged)."""
+    if not path.is_file():
+        return False
+    key = _stat_key(path)
+    if _verified.get(path) == key:
+        return True
+    if key[0] != entry.size or _sha256(path) != entry.sha256:
+        return False
+    _verified[path] = key
+    return True
+
+
+def _copy_verified(src: Path, dest: Path, entry: FileEntry) -> bool:
+    """Copy a mirror file to ``dest`` atomically if its digest matches; False if it does not."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+        if _sha256(Path(tmp)) != entry.sha256:
+            return False
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
+
+
+def _download(entry: FileEntry, dest: Path, progressbar: bool) -> None:
+    """Put ``entry`` at ``dest``: from the mirror if there is one, else (or then) from upstream."""
+    mirror = os.environ.get(MIRROR_ENV, "")
+    urls = [entry.url]
+    failures: list[tuple[str, type[DataError], object]] = []
+    if "://" in mirror:
+        urls.insert(0, f"{mirror.rstrip('/')}/sha256/{entry.sha256}")
+    elif mirror:
+        src = Path(mirror) / "sha256" / entry.sha256
+        if not src.is_file():
+            failures.append((str(src), DownloadError, "not in the mirror directory"))
+        elif _copy_verified(src, dest, entry):
+            return
+        else:
+            failures.append((str(src), ChecksumError, "SHA-256 mismatch in the mirror"))
+    for url in urls:
+        try:
+            pooch.retrieve(
+                url,
+                known_hash=f"sha256:{entry.sha256}",
+                fname=dest.name,
+                path=dest.parent,
+                downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=TIMEOUT_S),
+            )
+            return
+        except ValueError as err:  # pooch: hash mismatch (the download was discarded)
+            failures.append((url, ChecksumError, err))
+        except OSError as err:  # requests' errors are OSErrors: no network, HTTP error, cut off
+            failures.append((url, DownloadError, err))
+    tried = "\n".join(f"  {source}: {err}" for source, _, err in failures)
+    if any(kind is ChecksumError for _, kind, _ in failures):
+        raise ChecksumError(
+            f"{entry.name}: the file obtained does not match SHA-256 {entry.sha256} and was "
+            f"not kept.\n{tried}\nThe upstream file may have changed; try again later, or set "
+            f"{MIRROR_ENV} to a mirror directory or URL that has sha256/{entry.sha256}."
+        )
+    raise DownloadError(
+        f"could not download {entry.name} (no network, refused, or cut off).\n{tried}\n"
+        f"Check your connection, or set {MIRROR_ENV} to a mirror: a directory laid out as "
+        f"sha256/<digest>, or a base URL. Files are cached in {data_dir()} "
+        f"(set {DATA_DIR_ENV} to change that)."
+    )
+
+
+def fetch_file(entry: FileEntry, *, progressbar: bool = False) -> Path:
+    """Return the cached path of ``entry``, downloading (and verifying) it if needed."""
+    dest = data_dir() / entry.name
+    if _is_valid(dest, entry):
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=dest.parent).close()
+    except OSError as err:
+        raise CacheError(
+            f"cannot write the data cache directory {dest.parent}: {err}. "
+            f"Set {DATA_DIR_ENV} to a writable directory."
+        ) from err
+    _download(entry, dest, progressbar)
+    _verified[dest] = _stat_key(dest)
+    return dest
+
+
+def fetch(name: str, *, progressbar: bool = False) -> dict[str, Path]:
+    """Download (if needed) every file of dataset ``name`` and return ``{file name: local path}``.
+
+    Keys are the manifest file names (e.g. ``"hnct/demo.h5"``); paths are in ``data_dir()``.
+    Raises UnknownDatasetError, DownloadError, ChecksumError or CacheError (all DataError).
+    """
+    return {f.name: fetch_file(f, progressbar=progressbar) for f in dataset(name).files}
+
+
+def is_cached(name: str) -> bool:
+    """True if every file of dataset ``name`` is in the cache with the right size (not hashed)."""
+    root = data_dir()
+    return all(
+        (root / f.name).is_file() and (root / f.name).stat().st_size == f.size
+        for f in dataset(name).files
+    )
+
+
+def verify(names: list[str] | None = None) -> list[Path]:
+    """Re-hash the cached files of ``names`` (default: all datasets); return the bad ones.
+
+    Files not in the cache are skipped; a bad file stays in place until ``fetch`` replaces it.
+    """
+    root = data_dir()
+    bad = []
+    for ds in [dataset(n) for n in names] if names else manifest().values():
+        for f in ds.files:
+            path = root / f.name
+            _verified.pop(path, None)
+            if path.is_file() and not _is_valid(path, f):
+                bad.append(path)
+    return bad
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def manifest_markdown() -> str:
+    """The book's data page (``book/data.md``): every dataset with its details, as Markdown."""
+    lines = [
+        "# Data",
+        "",
+        "<!-- Generated by `teachreg data page > book/data.md`; do not edit by hand. -->",
+        "",
+        "The course uses these public datasets. `teachreg data fetch NAME` downloads one into a "
+        f"per-user cache (`{DATA_DIR_ENV}` overrides where), checking every file's SHA-256; "
+        "`teachreg.data.load(NAME)` reads it as NumPy arrays in (z, y, x) order, spacing in mm.",
+        "",
+        "| dataset | description | files | size |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| `{d.name}` | {d.description} | {len(d.files)} | {_mib(d.size)} |"
+        for d in manifest().values()
+    ]
+    for d in manifest().values():
+        lines += [
+            "",
+            f"## `{d.name}`",
+            "",
+            d.description,
+            "",
+            f"- Files: {len(d.files)} ({_mib(d.size)})",
+            f"- Licence: {d.license}",
+            f"- Citation: {d.citation}",
+        ]
+    return "\n".join(lines) + "\n"

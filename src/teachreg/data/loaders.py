@@ -1,0 +1,302 @@
+"""Read the course's datasets as NumPy arrays with one axis order and spacing in mm.
+
+Every volume is indexed ``vol[z, y, x]`` = (slice, row, column), like SimpleITK's
+``GetArrayFromImage`` or a DICOM stack, and its ``spacing`` is in mm in the same (z, y, x) order.
+Where the file says how it lies in the patient, the axes are put in DICOM patient (LPS) order:
+z runs inferior to superior, y anterior to posterior (so anterior is at the top of an axial slice
+``vol[k]`` shown with ``imshow``), and x from the patient's right to left (radiological view).
+The HDF5 files store no orientation: they are arranged so that ``vol[k]`` is an upright axial
+slice with z running inferior to superior; their left-right direction is not known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import scipy.io
+
+from .fetch import DataError, dataset, fetch
+
+# RAS (NIfTI world) <-> LPS (DICOM/NRRD world): flip the first two world axes.
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Assumed spacings (mm, z, y, x) where the file stores none.
+HNCT_SPACING = (12.0, 4.0, 4.0)
+PROSTATE_SPACING = (1.0, 1.0, 1.0)
+# Learn2Reg case_001 as stored in test_lung_ct.mat (the file says 1 mm): (z, y, x).
+L2R_SPACING = (1.75, 1.25, 1.75)
+
+
+@dataclass
+class Volume:
+    """One image with its voxel spacing and optional binary label masks.
+
+    image: float32 [D, H, W] = (z, y, x); Hounsfield units for CT, arbitrary units for MR.
+    spacing: voxel size in mm, (z, y, x).
+    labels: uint8 [D, H, W, L] binary masks (0/1), channel l named ``label_names[l]``; or None.
+    name: where it comes from (dataset and file).
+    """
+
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    labels: np.ndarray | None
+    label_names: tuple[str, ...]
+    name: str
+
+
+@dataclass
+class Pair:
+    """A registration pair: the ``moving`` volume is warped onto the ``fixed`` one."""
+
+    moving: Volume
+    fixed: Volume
+
+
+def _lps_zyx(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """Reorient ``array`` [i, j, k, ...] with voxel-to-RAS ``affine_ras`` to (z, y, x) = (S, P, L).
+
+    Returns the array [z, y, x, ...] and its spacing (z, y, x) in mm.
+    """
+    to_lps = nib.orientations.ornt_transform(
+        nib.io_orientation(affine_ras), nib.orientations.axcodes2ornt(("L", "P", "S"))
+    )
+    xyz = nib.orientations.apply_orientation(array, to_lps)
+    zooms = np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))
+    spacing = np.empty(3)
+    spacing[to_lps[:, 0].astype(int)] = zooms
+    zyx = np.ascontiguousarray(np.swapaxes(xyz, 0, 2))
+    return zyx, tuple(float(s) for s in spacing[::-1])
+
+
+def _nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI file's stored array [i, j, k] and voxel-to-RAS affine."""
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def _nrrd_zyx(path: Path) -> tuple[np.ndarray, tuple]:
+    """A 3-D NRRD file as [z, y, x] (S, P, L) with its spacing in mm."""
+    array, header = nrrd.read(str(path))
+    space = header.get("space")
+    if space not in ("left-posterior-superior", "right-anterior-superior"):
+        raise DataError(f"{path}: NRRD space {space!r} is not supported")
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(header["space directions"], dtype=float).T
+    affine[:3, 3] = header["space origin"]
+    if space == "left-posterior-superior":
+        affine = _RAS_FROM_LPS @ affine
+    return _lps_zyx(array, affine)
+
+
+def _dicom_zyx(paths: list[Path]) -> tuple[np.ndarray, tuple]:
+    """A DICOM CT series as float32 HU [z, y, x] (S, P, L) with its spacing in mm.
+
+    Slices are sorted by position along the slice normal; values are rescaled with
+    RescaleSlope/Intercept; spacing comes from PixelSpacing and the slice positions.
+    """
+    slices = [pydicom.dcmread(p) for p in paths]
+    orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = [np.asarray(s.ImagePositionPatient, dtype=float) for s in slices]
+    order = np.argsort([p @ normal for p in positions])
+    slices = [slices[i] for i in order]
+    steps = np.diff([positions[i] @ normal for i in order])
+    if not np.allclose(steps, steps.mean(), rtol=1e-3):
+        raise DataError(f"{paths[0].parent}: uneven slice spacing, {steps.min()}-{steps.max()} mm")
+    hu = np.stack(
+        [
+            s.pixel_array.astype(np.float32) * float(s.RescaleSlope) + float(s.RescaleIntercept)
+            for s in slices
+        ]
+    )
+    row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
+    affine = np.eye(4)  # voxel (column, row, slice) -> LPS
+    affine[:3, 0] = row_dir * col_spacing
+    affine[:3, 1] = col_dir * row_spacing
+    affine[:3, 2] = normal * steps.mean()
+    affine[:3, 3] = positions[order[0]]
+    return _lps_zyx(hu.transpose(2, 1, 0), _RAS_FROM_LPS @ affine)
+
+
+def _masks(*masks: np.ndarray) -> np.ndarray:
+    """Stack masks [D, H, W] into uint8 binary labels [D, H, W, L]."""
+    return np.ascontiguousarray(np.stack([m > 0 for m in masks], axis=-1), dtype=np.uint8)
+
+
+def _hnct() -> Volume:
+    """Head-and-neck CT: image [37, 128, 128] HU, labels [..., 2] = (spinal_cord, brainstem).
+
+    The file stores [x, y, z] (128x128x37), labels in the order (brainstem, spinal cord), and
+    no spacing or orientation; we transpose to (z, y, x) (z inferior to superior, anterior at
+    the top; left-right unknown) and put the spinal cord first. Spacing (12, 4, 4) mm is an
+    ASSUMPTION estimated from the anatomy (head 56 x 41 voxels, vertex to chin 17.5 slices,
+    brainstem 6 slices): treat distances in mm as approximate.
+    """
+    path = fetch("hnct")["hnct/demo.h5"]
+    with h5py.File(path, "r") as f:
+        image = np.ascontiguousarray(f["image"][()].transpose(2, 1, 0), dtype=np.float32)
+        brainstem, cord = f["label"][()].transpose(3, 2, 1, 0)
+    return Volume(
+        image=image,
+        spacing=HNCT_SPACING,
+        labels=_masks(cord, brainstem),
+        label_names=("spinal_cord", "brainstem"),
+        name="hnct",
+    )
+
+
+def _prostate_mr() -> Pair:
+    """Prostate MR of two subjects: moving = subject 0 (image0), fixed = subject 1 (image1).
+
+    Images [32, 128, 128] float32 (arbitrary MR units), labels [..., 1] = (prostate,).
+    This matches DeepReg's classical nonrigid prostate demo (image0 moving, image1 fixed).
+    The file stores (z, y, x) with no spacing: 1 mm isotropic is an ASSUMPTION (it makes the
+    gland volumes 18 and 15 mL, plausible).
+    """
+    path = fetch("prostate_mr")["promise12/demo2.h5"]
+    with h5py.File(path, "r") as f:
+        moving, fixed = (
+            Volume(
+                image=f[f"image{i}"][()].astype(np.float32),
+                spacing=PROSTATE_SPACING,
+                labels=_masks(f[f"label{i}"][()]),
+                label_names=("prostate",),
+                name=f"prostate_mr/image{i}",
+            )
+            for i in (0, 1)
+        )
+    return Pair(moving=moving, fixed=fixed)
+
+
+def _lung_cases(split: str) -> list[int]:
+    """The case numbers of a lung_masks split ("train" or "test")."""
+    prefix = f"lung_masks/{split}/fixed_labels/case_"
+    names = [f.name for f in dataset("lung_masks").files if f.name.startswith(prefix)]
+    return sorted(int(n[len(prefix) : -len(".nii.gz")]) for n in names)
+
+
+def _lung_masks(case: int = 1, split: str = "train") -> Pair:
+    """Learn2Reg lung masks of one patient: moving = expiration, fixed = inspiration.
+
+    Each Volume has image = the mask as float32 [208, 192, 192] and labels [..., 1] = (lung,),
+    spacing (1.75, 1.25, 1.75) mm (z, y, x) from the NIfTI header.
+    ``split`` is "train" (cases 1-7, 9, 10, 13-19) or "test" (cases 11, 12).
+    """
+    cases = _lung_cases(split) if split in ("train", "test") else []
+    if case not in cases:
+        raise DataError(
+            f"no lung_masks case {case!r} in split {split!r}; train cases: "
+            f"{_lung_cases('train')}, test cases: {_lung_cases('test')}"
+        )
+    paths = fetch("lung_masks")
+
+    def volume(kind: str) -> Volume:
+        name = f"lung_masks/{split}/{kind}_labels/case_{case:03d}.nii.gz"
+        mask, spacing = _lps_zyx(*_nifti(paths[name]))
+        return Volume(mask.astype(np.float32), spacing, _masks(mask), ("lung",), name)
+
+    return Pair(moving=volume("moving"), fixed=volume("fixed"))
+
+
+def _l2r_case001() -> Volume:
+    """Learn2Reg case_001 expiration chest CT [208, 192, 192], labels [..., 1] = (lung,).
+
+    The MATLAB file holds ``vol``, uint8, stored like the case's NIfTI lung mask (whose header
+    gives the orientation), and ``voxdims`` = 1 mm, which is wrong: the true spacing is
+    (1.75, 1.25, 1.75) mm (z, y, x). The uint8 values have no published map to HU; we use the
+    ESTIMATE HU = 9.04 * value - 1000 (air 0 -> -1000 HU, soft-tissue peak 115 -> +40 HU), so
+    treat the HU values as approximate.
+    """
+    paths = fetch("chest_ct_l2r_case001")
+    vol = scipy.io.loadmat(paths["chest_ct/l2r_case001_exp/test_lung_ct.mat"])["vol"]
+    mask, affine = _nifti(paths["lung_masks/train/moving_labels/case_001.nii.gz"])
+    image, _ = _lps_zyx(9.04 * vol.astype(np.float32) - 1000.0, affine)
+    mask, _ = _lps_zyx(mask, affine)
+    return Volume(image, L2R_SPACING, _masks(mask), ("lung",), "chest_ct_l2r_case001")
+
+
+def _dynagan_0103() -> Volume:
+    """TCIA 4D-Lung patient 0103, phase 5: [128, 128, 128] HU, spacing from the NIfTI header."""
+    path = fetch("chest_ct_dynagan_0103")["chest_ct/dynagan_0103/LungCT_0103_0005.nii.gz"]
+    array, affine = _nifti(path)
+    image, spacing = _lps_zyx(array.astype(np.float32), affine)
+    return Volume(image, spacing, None, (), "chest_ct_dynagan_0103")
+
+
+def _cip() -> list[Volume]:
+    """Chest Imaging Platform test CTs: [ct-64, TestInput], HU, spacing from the NRRD headers.
+
+    ct-64 [79, 64, 64] at (3.99, 4.17, 4.17) mm has labels [..., 3] = (lung, right_lung,
+    left_lung): ``lung`` is wholeLung-64.nrrd, the two others come from the CIP label map
+    lm-64.nrrd (value = 256 * type + region; regions 2, 4-6, 12-14 are right, 3, 7-11 left).
+    TestInput [50, 64, 64] at (6.99, 5.28, 5.28) mm is another chest CT, without labels.
+    """
+    paths = fetch("chest_ct_cip")
+    ct, spacing = _nrrd_zyx(paths["chest_ct/cip/ct-64.nrrd"])
+    lung, _ = _nrrd_zyx(paths["chest_ct/cip/wholeLung-64.nrrd"])
+    region = _nrrd_zyx(paths["chest_ct/cip/lm-64.nrrd"])[0] & 0xFF
+    right = np.isin(region, (2, 4, 5, 6, 12, 13, 14))
+    left = np.isin(region, (3, 7, 8, 9, 10, 11))
+    test, test_spacing = _nrrd_zyx(paths["chest_ct/cip/TestInput.nrrd"])
+    return [
+        Volume(
+            image=ct.astype(np.float32),
+            spacing=spacing,
+            labels=_masks(lung, right, left),
+            label_names=("lung", "right_lung", "left_lung"),
+            name="chest_ct_cip/ct-64",
+        ),
+        Volume(test.astype(np.float32), test_spacing, None, (), "chest_ct_cip/TestInput"),
+    ]
+
+
+def _dicom_dataset(name: str) -> Volume:
+    image, spacing = _dicom_zyx(sorted(fetch(name).values()))
+    return Volume(image, spacing, None, (), name)
+
+
+def _cptac() -> Volume:
+    """TCIA CPTAC C3N-00247 chest CT (DICOM): [99, 512, 512] HU, (3, 0.564, 0.564) mm."""
+    return _dicom_dataset("chest_ct_cptac")
+
+
+def _itkelastix() -> Volume:
+    """ITKElastix example chest CT (DICOM): [141, 512, 512] HU, (2, 0.977, 0.977) mm."""
+    return _dicom_dataset("chest_ct_itkelastix")
+
+
+_LOADERS = {
+    "hnct": _hnct,
+    "prostate_mr": _prostate_mr,
+    "lung_masks": _lung_masks,
+    "chest_ct_l2r_case001": _l2r_case001,
+    "chest_ct_dynagan_0103": _dynagan_0103,
+    "chest_ct_cip": _cip,
+    "chest_ct_cptac": _cptac,
+    "chest_ct_itkelastix": _itkelastix,
+}
+
+
+def load(name: str, **kwargs) -> Volume | Pair | list[Volume]:
+    """Fetch dataset ``name`` if needed and read it; arrays are (z, y, x), spacing in mm.
+
+    - ``"hnct"`` -> Volume, CT in HU, labels (spinal_cord, brainstem); spacing assumed.
+    - ``"prostate_mr"`` -> Pair (moving = subject 0, fixed = subject 1), labels (prostate,);
+      spacing assumed 1 mm.
+    - ``"lung_masks"``, ``case=1, split="train"`` -> Pair of mask Volumes
+      (moving = expiration, fixed = inspiration).
+    - ``"chest_ct_l2r_case001"`` -> Volume, approximate HU, labels (lung,).
+    - ``"chest_ct_dynagan_0103"``, ``"chest_ct_cptac"``, ``"chest_ct_itkelastix"`` -> Volume, HU.
+    - ``"chest_ct_cip"`` -> [ct-64 with labels (lung, right_lung, left_lung), TestInput].
+
+    See each loader's docstring (``teachreg.data.loaders``) for shapes and assumptions.
+    """
+    dataset(name)  # raises UnknownDatasetError listing the known names
+    return _LOADERS[name](**kwargs)
