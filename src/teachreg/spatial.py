@@ -32,6 +32,11 @@ def reference_grid(shape: Shape3) -> tf.Tensor:
     return _grid(_shape3(shape))
 
 
+def reference_grid_like(image: tf.Tensor) -> tf.Tensor:
+    """The voxel coordinates `[D, H, W, 3]` of an image `[batch, D, H, W, ...]`, also inside `tf.function`."""
+    return _grid(tf.shape(image)[1:4])
+
+
 def _grid(shape) -> tf.Tensor:
     axes = [tf.range(shape[i], dtype=tf.float32) for i in range(3)]
     return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
@@ -134,8 +139,8 @@ def resample(volume, coordinates, interpolation: str = "linear", padding: str = 
     coordinates = _validate.as_float_tensor("coordinates", coordinates, (2, 3, 4, 5, 6), "[batch, ..., 3]", last_dim=3)
     _check_options(interpolation, padding)
     coordinates = _match_batch(volume, coordinates)
-    fn = _resample_linear if interpolation == "linear" else _resample_nearest
-    out = fn(volume, coordinates, padding == "zeros")
+    fn = _sample_linear if interpolation == "linear" else _sample_nearest
+    out = _compiled(fn)(volume, coordinates, padding == "zeros")
     return out if has_channels else out[..., 0]
 
 
@@ -149,10 +154,8 @@ def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> 
     volume = _validate.image("image", image)
     ddf = _match_batch(volume, _validate.ddf("ddf", ddf))
     _check_options(interpolation, padding)
-    if interpolation == "linear":
-        out = _warp_linear(volume, ddf, padding == "zeros")
-    else:
-        out = _resample_nearest(volume, _grid(tf.shape(ddf)[1:4])[None] + ddf, padding == "zeros")
+    fn = _warp_linear if interpolation == "linear" else _warp_nearest
+    out = _compiled(fn)(volume, ddf, padding == "zeros")
     return out if has_channels else out[..., 0]
 
 
@@ -349,18 +352,31 @@ def _interpolate_cells(cells: tf.Tensor, index: tf.Tensor, frac: tf.Tensor):
     return out, grad
 
 
-@tf.function(reduce_retracing=True, jit_compile=True)
-def _resample_linear(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
-    return _sample_linear(volume, coordinates, zeros)
-
-
-@tf.function(reduce_retracing=True, jit_compile=True)
 def _warp_linear(volume: tf.Tensor, ddf: tf.Tensor, zeros: bool) -> tf.Tensor:
     return _sample_linear(volume, _grid(tf.shape(ddf)[1:4])[None] + ddf, zeros)
 
 
-@tf.function(reduce_retracing=True)
-def _resample_nearest(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
+def _warp_nearest(volume: tf.Tensor, ddf: tf.Tensor, zeros: bool) -> tf.Tensor:
+    return _sample_nearest(volume, _grid(tf.shape(ddf)[1:4])[None] + ddf, zeros)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """`fn` compiled with XLA when called eagerly; `fn` itself inside a caller's `tf.function`.
+
+    Nesting a compiled function inside another one makes XLA recompile it on every call, so
+    inside a graph the plain function is traced and the caller decides about compilation.
+    """
+    if not tf.executing_eagerly():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = tf.function(fn, reduce_retracing=True, jit_compile=True)
+    return _COMPILED[fn]
+
+
+def _sample_nearest(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> tf.Tensor:
     padded, coords = _padded_and_indexed(volume, coordinates, zeros)
     out_shape = tf.shape(coords)[:-1]
     batch = tf.shape(coords)[0]

@@ -1,0 +1,294 @@
+"""Image, label and deformation losses for training and optimisation (TensorFlow, differentiable).
+
+Naming rule: a `*_loss` is minimised; a score (`ncc`, `lncc`, `mutual_information`, `soft_dice`,
+`hard_dice`, `jaccard`) is maximised, and its loss is `1 - score` (or `-score` for mutual
+information).
+
+Every function returns a float32 scalar: the mean over the batch of a per-sample value. Inputs may
+be NumPy arrays or tensors; the first argument is the fixed image / target label, the second the
+warped image / predicted label. Images are `[batch, D, H, W]` or `[batch, D, H, W, C]`, labels
+`[batch, D, H, W]` or `[batch, D, H, W, L]` (L labels), DDFs `[batch, D, H, W, 3]`; all distances
+and derivatives are in voxel units. The functions trace inside `tf.function(jit_compile=True)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from teachreg import _validate, spatial
+from teachreg.filters import box_kernel1d, gaussian_kernel1d, separable_filter
+
+EPS = 1e-5
+"""Stabiliser of the ratios below (Dice, Jaccard, LNCC denominators, MI histograms)."""
+
+NCC_EPS = 1e-10
+"""Added to the product of the variances in the global NCC, so a constant image gives 0, not NaN."""
+
+CE_EPS = 1e-7
+"""Predicted probabilities are clipped to [CE_EPS, 1 - CE_EPS] in the cross-entropy."""
+
+_SPATIAL = (1, 2, 3)
+_LABEL_SHAPE = "[batch, D, H, W] or [batch, D, H, W, L]"
+
+
+def _images(fixed, warped) -> tuple[tf.Tensor, tf.Tensor]:
+    fixed = _validate.image("fixed", fixed)
+    warped = _validate.image("warped", warped)
+    _validate.same_shape("fixed", fixed, "warped", warped)
+    return fixed, warped
+
+
+def _labels(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
+    tensors = []
+    for name, value in (("y_true", y_true), ("y_pred", y_pred)):
+        tensor = _validate.as_float_tensor(name, value, (4, 5), _LABEL_SHAPE)
+        tensors.append(tensor[..., None] if tensor.shape.rank == 4 else tensor)
+    _validate.same_shape("y_true", tensors[0], "y_pred", tensors[1])
+    return tensors[0], tensors[1]
+
+
+# --- image similarity -------------------------------------------------------------------------
+
+
+def ssd_loss(fixed, warped) -> tf.Tensor:
+    """Sum of squared differences, as a mean: mean over voxels and channels of `(fixed - warped)**2`.
+
+    A loss (minimised; 0 for identical images), in squared intensity units.
+    """
+    fixed, warped = _images(fixed, warped)
+    return tf.reduce_mean(tf.math.squared_difference(fixed, warped))
+
+
+def ncc(fixed, warped) -> tf.Tensor:
+    """Global normalised cross-correlation, a score in [-1, 1] (maximised).
+
+    Computed per sample and channel over all voxels, `cov(f, w) / sqrt(var(f) var(w) + NCC_EPS)`,
+    then averaged over channels and the batch. `ncc(x, a * x + b) = 1` for `a > 0`, -1 for `a < 0`.
+    """
+    fixed, warped = _images(fixed, warped)
+    f = fixed - tf.reduce_mean(fixed, axis=_SPATIAL, keepdims=True)
+    w = warped - tf.reduce_mean(warped, axis=_SPATIAL, keepdims=True)
+    cov = tf.reduce_mean(f * w, axis=_SPATIAL)
+    var_f = tf.reduce_mean(f * f, axis=_SPATIAL)
+    var_w = tf.reduce_mean(w * w, axis=_SPATIAL)
+    return tf.reduce_mean(cov * tf.math.rsqrt(var_f * var_w + NCC_EPS))
+
+
+def ncc_loss(fixed, warped) -> tf.Tensor:
+    """`1 - ncc(fixed, warped)`, a loss in [0, 2] (minimised)."""
+    return 1.0 - ncc(fixed, warped)
+
+
+def _window(kernel_size: int, kernel: str) -> np.ndarray:
+    if kernel == "box":
+        return box_kernel1d(kernel_size)
+    if kernel == "gaussian":
+        if kernel_size <= 0:
+            raise ValueError(f"kernel_size must be positive, got {kernel_size}.")
+        return gaussian_kernel1d(kernel_size / 6.0)
+    raise ValueError(f"kernel must be 'box' or 'gaussian', got {kernel!r}.")
+
+
+def _filtered_ones(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
+    """`separable_filter` of a ones-volume like `volume`: `[1, D, H, W, 1]`, an outer product of 1-D filters."""
+    taps = tf.constant(kernel[:, None, None], tf.float32)
+    shape = tf.shape(volume)
+    d, h, w = (
+        tf.reshape(tf.nn.conv1d(tf.ones([1, shape[axis], 1]), taps, stride=1, padding="SAME"), [-1])
+        for axis in _SPATIAL
+    )
+    return (d[:, None, None] * h[None, :, None] * w[None, None, :])[None, ..., None]
+
+
+def lncc(fixed, warped, kernel_size: int = 9, kernel: str = "box") -> tf.Tensor:
+    """Local normalised cross-correlation, a score in [0, 1] (maximised), as DeepReg / VoxelMorph.
+
+    Around each voxel, with window weights `k`: `cross**2 / (var_f * var_w + EPS)`, EPS = 1e-5,
+    where `cross`, `var_f` and `var_w` are the window sums of `(f - mean_f)(w - mean_w)`,
+    `(f - mean_f)**2` and `(w - mean_w)**2`, weighted by `k` scaled to 1 at the window centre (for
+    the box: plain sums over `kernel_size**3` voxels, as VoxelMorph). The value is averaged over
+    voxels, channels and the batch. Windows are cut at the volume border and renormalised, so
+    border windows are exact averages over the voxels inside. Flat regions (no local variance)
+    give 0.
+
+    `kernel` is "box" (`kernel_size` odd, in voxels) or "gaussian" (sigma = `kernel_size / 6`
+    voxels, truncated at 3 sigma, so the window spans about `kernel_size` voxels).
+    """
+    fixed, warped = _images(fixed, warped)
+    taps = _window(kernel_size, kernel)
+    # Centring each image (LNCC does not change) makes the local variances below cancel less.
+    fixed = fixed - tf.reduce_mean(fixed, axis=_SPATIAL, keepdims=True)
+    warped = warped - tf.reduce_mean(warped, axis=_SPATIAL, keepdims=True)
+    # One filtering pass over I, J, I*I, J*J, I*J stacked along the channel axis.
+    stacked = tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], axis=-1)
+    ones = _filtered_ones(fixed, taps)
+    means = separable_filter(stacked, taps) / ones
+    mean_f, mean_w, mean_ff, mean_ww, mean_fw = tf.split(means, 5, axis=-1)
+    cross = mean_fw - mean_f * mean_w
+    var_f = tf.maximum(mean_ff - mean_f * mean_f, 0.0)
+    var_w = tf.maximum(mean_ww - mean_w * mean_w, 0.0)
+    # Means times the window's weight (centre weight 1) are the sums of DeepReg / VoxelMorph.
+    weight = ones * float(1.0 / taps.max()) ** 3
+    return tf.reduce_mean(cross * cross / (var_f * var_w + EPS / (weight * weight)))
+
+
+def lncc_loss(fixed, warped, kernel_size: int = 9, kernel: str = "box") -> tf.Tensor:
+    """`1 - lncc(fixed, warped, kernel_size, kernel)`, a loss in [0, 1] (minimised)."""
+    return 1.0 - lncc(fixed, warped, kernel_size=kernel_size, kernel=kernel)
+
+
+def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5) -> tf.Tensor:
+    """Mutual information in nats, a score >= 0 (maximised), as DeepReg's GlobalMutualInformation.
+
+    Each image is rescaled to [0, 1] by its own minimum and maximum per sample (not
+    differentiated through), then every voxel (channels counted as voxels) spreads over `bins`
+    equally spaced bin centres with Gaussian Parzen weights of sigma `sigma_ratio` times the bin
+    spacing, normalised to sum to 1. From the joint histogram `p_ab` and its marginals:
+    `sum p_ab log((p_ab + EPS) / (p_a p_b + EPS))`.
+    """
+    fixed, warped = _images(fixed, warped)
+    if bins < 2:
+        raise ValueError(f"bins must be at least 2, got {bins}.")
+    centres = tf.linspace(0.0, 1.0, bins)
+    sigma = sigma_ratio / (bins - 1)
+    batch = tf.shape(fixed)[0]
+
+    def parzen(image):  # [batch, voxels, bins], rows summing to 1
+        x = tf.reshape(image, [batch, -1, 1])
+        low = tf.stop_gradient(tf.reduce_min(x, axis=1, keepdims=True))
+        high = tf.stop_gradient(tf.reduce_max(x, axis=1, keepdims=True))
+        x = (x - low) / tf.maximum(high - low, EPS)
+        weights = tf.exp(-tf.square(x - centres) / (2.0 * sigma**2))
+        return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
+
+    w_a, w_b = parzen(fixed), parzen(warped)
+    voxels = tf.cast(tf.shape(w_a)[1], tf.float32)
+    p_ab = tf.matmul(w_a, w_b, transpose_a=True) / voxels  # [batch, bins, bins]
+    p_a = tf.reduce_mean(w_a, axis=1)
+    p_b = tf.reduce_mean(w_b, axis=1)
+    p_a_p_b = p_a[:, :, None] * p_b[:, None, :]
+    return tf.reduce_mean(tf.reduce_sum(p_ab * tf.math.log((p_ab + EPS) / (p_a_p_b + EPS)), axis=[1, 2]))
+
+
+def mutual_information_loss(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5) -> tf.Tensor:
+    """`-mutual_information(fixed, warped, bins, sigma_ratio)`, a loss in nats (minimised)."""
+    return -mutual_information(fixed, warped, bins=bins, sigma_ratio=sigma_ratio)
+
+
+IMAGE_LOSSES = {"ssd": ssd_loss, "ncc": ncc_loss, "lncc": lncc_loss, "mi": mutual_information_loss}
+"""Image losses by short name, each called as `loss(fixed, warped)` and minimised."""
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+
+def _overlaps(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per sample and label `[batch, L]`: `sum(t * p)` and `sum(t) + sum(p)` over voxels."""
+    intersection = tf.reduce_sum(y_true * y_pred, axis=_SPATIAL)
+    total = tf.reduce_sum(y_true, axis=_SPATIAL) + tf.reduce_sum(y_pred, axis=_SPATIAL)
+    return intersection, total
+
+
+def soft_dice(y_true, y_pred) -> tf.Tensor:
+    """Soft Dice score in [0, 1] (maximised) of labels or probabilities in [0, 1].
+
+    Per sample and label `(2 sum(t p) + EPS) / (sum(t) + sum(p) + EPS)` over voxels, so two empty
+    masks score 1; then averaged over labels and the batch.
+    """
+    intersection, total = _overlaps(*_labels(y_true, y_pred))
+    return tf.reduce_mean((2.0 * intersection + EPS) / (total + EPS))
+
+
+def hard_dice(y_true, y_pred, threshold: float = 0.5) -> tf.Tensor:
+    """Dice score in [0, 1] (maximised) after binarising both inputs with `>= threshold`.
+
+    Averaged over labels and the batch as `soft_dice`. Not differentiable (no gradient): for
+    evaluation and monitoring.
+    """
+    y_true, y_pred = _labels(y_true, y_pred)
+    return soft_dice(tf.cast(y_true >= threshold, tf.float32), tf.cast(y_pred >= threshold, tf.float32))
+
+
+def jaccard(y_true, y_pred) -> tf.Tensor:
+    """Soft Jaccard index (intersection over union) in [0, 1] (maximised).
+
+    Per sample and label `(sum(t p) + EPS) / (sum(t) + sum(p) - sum(t p) + EPS)`, so two empty
+    masks score 1; then averaged over labels and the batch.
+    """
+    intersection, total = _overlaps(*_labels(y_true, y_pred))
+    return tf.reduce_mean((intersection + EPS) / (total - intersection + EPS))
+
+
+def dice_loss(y_true, y_pred) -> tf.Tensor:
+    """`1 - soft_dice(y_true, y_pred)`, a loss in [0, 1] (minimised)."""
+    return 1.0 - soft_dice(y_true, y_pred)
+
+
+def jaccard_loss(y_true, y_pred) -> tf.Tensor:
+    """`1 - jaccard(y_true, y_pred)`, a loss in [0, 1] (minimised)."""
+    return 1.0 - jaccard(y_true, y_pred)
+
+
+def cross_entropy_loss(y_true, y_pred) -> tf.Tensor:
+    """Binary cross-entropy in nats (minimised), each label treated as its own binary problem.
+
+    `-(t log p + (1 - t) log(1 - p))` with `p` clipped to [CE_EPS, 1 - CE_EPS], averaged over
+    voxels, labels and the batch. `y_pred` holds probabilities, not logits.
+    """
+    y_true, y_pred = _labels(y_true, y_pred)
+    p = tf.clip_by_value(y_pred, CE_EPS, 1.0 - CE_EPS)
+    return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
+
+
+# --- deformation regularisers -----------------------------------------------------------------
+
+
+def bending_energy_loss(ddf) -> tf.Tensor:
+    """Bending energy of a DDF `[batch, D, H, W, 3]` (voxels), a loss >= 0 (minimised).
+
+    Per voxel and displacement component, `u_dd**2 + u_hh**2 + u_ww**2 + 2 (u_dh**2 + u_dw**2 +
+    u_hw**2)` (as DeepReg's BendingEnergy), averaged over the interior voxels (one voxel off each
+    face), the 3 components and the batch. Second differences on the 3-voxel stencil,
+    `u[i+1] - 2 u[i] + u[i-1]` and `(u[i+1, j+1] - u[i+1, j-1] - u[i-1, j+1] + u[i-1, j-1]) / 4`,
+    so an affine DDF gives 0. In voxel units (1 / voxel**2). Each axis needs at least 3 voxels.
+    """
+    ddf = _validate.ddf("ddf", ddf)
+    if any(n is not None and n < 3 for n in ddf.shape[1:4]):
+        raise ValueError(f"ddf must have at least 3 voxels along D, H and W, got shape {tuple(ddf.shape)}.")
+    size = tf.concat([[-1], tf.shape(ddf)[1:4] - 2, [-1]], axis=0)
+
+    def at(offset):  # u at the interior voxels shifted by `offset` (d, h, w), each in {-1, 0, 1}
+        # tf.slice, not strided slicing: its gradient is much faster on CPU without XLA.
+        return tf.slice(ddf, [0, *(1 + offset), 0], size)
+
+    centre = 2.0 * at(np.zeros(3, int))
+    unit = np.eye(3, dtype=int)
+    energy = 0.0
+    for a in range(3):  # pure second derivatives
+        energy += tf.square(at(unit[a]) - centre + at(-unit[a]))
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # mixed derivatives, counted twice
+        mixed = at(unit[a] + unit[b]) - at(unit[a] - unit[b]) - at(unit[b] - unit[a]) + at(-unit[a] - unit[b])
+        energy += 0.125 * tf.square(mixed)  # 2 * (mixed / 4)**2
+    return tf.reduce_mean(energy)
+
+
+def gradient_l1_loss(ddf) -> tf.Tensor:
+    """L1 gradient norm of a DDF `[batch, D, H, W, 3]` (voxels), a loss >= 0 (minimised).
+
+    Per voxel and displacement component, `|u_d| + |u_h| + |u_w|` (as DeepReg's GradientNorm),
+    averaged over voxels, the 3 components and the batch; derivatives from
+    `spatial.spatial_gradient` (central inside, one-sided at the border). Dimensionless (voxel / voxel).
+    """
+    gradient = spatial.spatial_gradient(_validate.ddf("ddf", ddf))  # [batch, D, H, W, 3, 3]
+    return 3.0 * tf.reduce_mean(tf.abs(gradient))
+
+
+def gradient_l2_loss(ddf) -> tf.Tensor:
+    """Squared L2 gradient norm of a DDF `[batch, D, H, W, 3]` (voxels), a loss >= 0 (minimised).
+
+    Per voxel and displacement component, `u_d**2 + u_h**2 + u_w**2` (as DeepReg's GradientNorm),
+    averaged as `gradient_l1_loss`. Dimensionless (voxel / voxel).
+    """
+    gradient = spatial.spatial_gradient(_validate.ddf("ddf", ddf))
+    return 3.0 * tf.reduce_mean(tf.square(gradient))

@@ -1,0 +1,369 @@
+"""Analytic and reference tests of the image, label and deformation losses, and of their gradients."""
+
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from teachreg import losses, spatial
+from teachreg.filters import box_kernel1d, gaussian_kernel1d
+
+RNG = np.random.default_rng(0)
+SHAPE = (6, 7, 8)
+
+
+def image(shape=SHAPE, batch=2, channels=None, seed=0):
+    rng = np.random.default_rng(seed)
+    full = (batch, *shape) + ((channels,) if channels else ())
+    return rng.uniform(size=full).astype(np.float32)
+
+
+def value(tensor) -> float:
+    assert tensor.shape == () and tensor.dtype == tf.float32
+    return float(tensor)
+
+
+def directional_check(fn, x, rng, h=1e-2, rtol=1e-2, mask=None):
+    """Compare the GradientTape gradient of `fn` at `x` with central differences along one direction.
+
+    The direction mixes the normalised gradient with a random unit vector, so the derivative is
+    large enough for float32 differences yet a wrong gradient cannot pass by construction.
+    """
+    x = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    grad = tape.gradient(y, x).numpy().astype(np.float64)
+    noise = rng.standard_normal(x.shape)
+    v = grad / np.linalg.norm(grad) + noise / np.linalg.norm(noise)
+    v = (v if mask is None else v * mask).astype(np.float32)
+    analytic = float(np.sum(grad * v))
+    numeric = (float(fn(x + h * v)) - float(fn(x - h * v))) / (2 * h)
+    np.testing.assert_allclose(analytic, numeric, rtol=rtol)
+
+
+# --- image similarity -------------------------------------------------------------------------
+
+
+def test_ssd_is_zero_for_identical_images_and_the_mean_squared_difference_otherwise():
+    x = image()
+    assert value(losses.ssd_loss(x, x)) == 0.0
+    assert value(losses.ssd_loss(x, x + 0.5)) == pytest.approx(0.25, rel=1e-5)
+    y = image(seed=1)
+    assert value(losses.ssd_loss(x, y)) == pytest.approx(np.mean((x - y) ** 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 0.0), (2.5, -3.0), (0.1, 7.0)])
+def test_ncc_of_an_increasing_affine_intensity_map_is_one(a, b):
+    x = image(channels=2)
+    assert value(losses.ncc(x, a * x + b)) == pytest.approx(1.0, abs=1e-5)
+    assert value(losses.ncc(x, -a * x + b)) == pytest.approx(-1.0, abs=1e-5)
+    assert value(losses.ncc_loss(x, a * x + b)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ncc_matches_the_correlation_coefficient_per_sample_and_channel():
+    x, y = image(channels=2), image(channels=2, seed=1)
+    expected = np.mean(
+        [np.corrcoef(x[i, ..., c].ravel(), y[i, ..., c].ravel())[0, 1] for i in range(2) for c in range(2)]
+    )
+    assert value(losses.ncc(x, y)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_ncc_of_a_constant_image_is_zero_with_a_finite_gradient():
+    x, flat = tf.constant(image()), tf.fill([2, *SHAPE], 0.3)
+    with tf.GradientTape() as tape:
+        tape.watch(flat)
+        score = losses.ncc(x, flat)
+    assert value(score) == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.isfinite(tape.gradient(score, flat).numpy()))
+
+
+def lncc_reference(f, w, taps):
+    """LNCC in float64 from its definition: window sums with centre weight 1, windows cut at the border."""
+    k = taps.astype(np.float64) / taps.max()
+    r = len(k) // 2
+    values = []
+    for b in range(f.shape[0]):
+        fb, wb = f[b].astype(np.float64), w[b].astype(np.float64)
+        for i, j, l in np.ndindex(fb.shape):
+            lo = [max(0, c - r) for c in (i, j, l)]
+            hi = [min(n, c + r + 1) for c, n in zip((i, j, l), fb.shape)]
+            window = tuple(slice(a, z) for a, z in zip(lo, hi))
+            weights = np.einsum(
+                "a,b,c->abc", *(k[a - c + r : z - c + r] for a, z, c in zip(lo, hi, (i, j, l)))
+            )
+            fw, ww = fb[window], wb[window]
+            s1, sf, sw = weights.sum(), np.sum(weights * fw), np.sum(weights * ww)
+            cross = np.sum(weights * fw * ww) - sf * sw / s1
+            var_f = np.sum(weights * fw * fw) - sf * sf / s1
+            var_w = np.sum(weights * ww * ww) - sw * sw / s1
+            values.append(cross * cross / (var_f * var_w + losses.EPS))
+    return np.mean(values)
+
+
+@pytest.mark.parametrize(
+    "kernel,size,taps",
+    [("box", 3, box_kernel1d(3)), ("box", 5, box_kernel1d(5)), ("gaussian", 6, gaussian_kernel1d(1.0))],
+)
+def test_lncc_matches_a_voxel_by_voxel_reference_including_the_borders(kernel, size, taps):
+    # Low-contrast images, so the stabiliser matters and its scaling is checked too.
+    f = 0.05 * image()
+    w = 0.5 * f + 0.02 * image(seed=1)
+    expected = lncc_reference(f, w, taps)
+    assert value(losses.lncc(f, w, kernel_size=size, kernel=kernel)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["box", "gaussian"])
+def test_lncc_of_an_increasing_affine_intensity_map_is_one(kernel):
+    x = image(channels=2)
+    assert value(losses.lncc(x, 3.0 * x + 1.0, kernel_size=5, kernel=kernel)) == pytest.approx(1.0, abs=1e-4)
+    assert value(losses.lncc_loss(x, 3.0 * x + 1.0, kernel_size=5, kernel=kernel)) == pytest.approx(0.0, abs=1e-4)
+    unrelated = value(losses.lncc(x, image(channels=2, seed=1), kernel_size=5, kernel=kernel))
+    assert 0.0 <= unrelated < 0.2
+
+
+def test_lncc_of_flat_images_is_zero():
+    flat = np.full((1, *SHAPE), 0.7, np.float32)
+    assert value(losses.lncc(flat, flat)) == 0.0
+
+
+def mi_reference(f, w, bins=23, sigma_ratio=0.5):
+    """DeepReg's GlobalMutualInformation in float64, each image rescaled to [0, 1] by its min and max."""
+    centres = np.linspace(0, 1, bins)
+    sigma = sigma_ratio / (bins - 1)
+    out = []
+    for a, b in zip(f, w):
+        ia, ib = (
+            np.exp(-((((x.ravel() - x.min()) / (x.max() - x.min()))[:, None] - centres) ** 2) / (2 * sigma**2))
+            for x in (a.astype(np.float64), b.astype(np.float64))
+        )
+        ia /= ia.sum(1, keepdims=True)
+        ib /= ib.sum(1, keepdims=True)
+        pab = ia.T @ ib / len(ia)
+        papb = np.outer(ia.mean(0), ib.mean(0))
+        out.append(np.sum(pab * np.log((pab + losses.EPS) / (papb + losses.EPS))))
+    return np.mean(out)
+
+
+def test_mutual_information_matches_deepreg_and_prefers_the_aligned_image():
+    x = image((16, 16, 16))
+    shuffled = RNG.permutation(x.ravel()).reshape(x.shape)
+    aligned = value(losses.mutual_information(x, x))
+    unrelated = value(losses.mutual_information(x, shuffled))
+    assert aligned == pytest.approx(mi_reference(x, x), rel=1e-4)
+    assert unrelated == pytest.approx(mi_reference(x, shuffled), rel=1e-3)
+    assert aligned > 2.0 and unrelated < 0.1
+    # Invariant to a monotone affine intensity change, through the min-max normalisation.
+    assert value(losses.mutual_information(x, 4.0 * x - 2.0)) == pytest.approx(aligned, rel=1e-4)
+    assert value(losses.mutual_information_loss(x, x)) == pytest.approx(-aligned)
+
+
+def test_image_losses_by_name():
+    assert set(losses.IMAGE_LOSSES) == {"ssd", "ncc", "lncc", "mi"}
+    x = image()
+    for name, fn in losses.IMAGE_LOSSES.items():
+        assert value(fn(x, x)) <= value(fn(x, image(seed=1))), name
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+
+def test_dice_and_jaccard_of_identical_and_empty_masks_are_one():
+    mask = image() > 0.5
+    empty = np.zeros((2, *SHAPE), np.float32)
+    for score in (losses.soft_dice, losses.hard_dice, losses.jaccard):
+        assert value(score(mask, mask)) == pytest.approx(1.0)
+        assert value(score(empty, empty)) == pytest.approx(1.0)
+    assert value(losses.dice_loss(mask, mask)) == pytest.approx(0.0)
+    assert value(losses.jaccard_loss(mask, mask)) == pytest.approx(0.0)
+
+
+def test_dice_and_jaccard_known_values():
+    t = np.zeros((1, 4, 4, 4), np.float32)
+    p = np.zeros_like(t)
+    t[0, 0, 0, :2] = 1  # two voxels
+    p[0, 0, 0, 1] = 1  # one of them
+    assert value(losses.soft_dice(t, p)) == pytest.approx(2 / 3, abs=1e-5)
+    assert value(losses.jaccard(t, p)) == pytest.approx(1 / 2, abs=1e-5)
+    assert value(losses.soft_dice(t, 1 - t)) == pytest.approx(0.0, abs=1e-5)
+    # Soft: a prediction of 0.5 on the two voxels gives 2 * 1 / (2 + 1).
+    assert value(losses.soft_dice(t, 0.5 * t)) == pytest.approx(2 / 3, abs=1e-5)
+    assert value(losses.hard_dice(t, 0.5 * t)) == pytest.approx(1.0)
+    assert value(losses.hard_dice(t, 0.4 * t)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_label_scores_average_over_labels_and_the_batch():
+    t = (image(channels=3) > 0.5).astype(np.float32)
+    p = t.copy()
+    p[..., 1] = 1 - t[..., 1]  # label 1 is completely wrong
+    assert value(losses.soft_dice(t, p)) == pytest.approx(2 / 3, abs=1e-5)
+    p[1] = 1 - t[1]  # sample 1 is completely wrong
+    assert value(losses.jaccard(t, p)) == pytest.approx(0.5 * (2 / 3), abs=1e-5)
+
+
+def test_cross_entropy_known_values():
+    ones = np.ones((1, *SHAPE, 2), np.float32)
+    assert value(losses.cross_entropy_loss(ones, 0.8 * ones)) == pytest.approx(-np.log(0.8), rel=1e-5)
+    assert value(losses.cross_entropy_loss(0 * ones, 0.8 * ones)) == pytest.approx(-np.log(0.2), rel=1e-5)
+    assert value(losses.cross_entropy_loss(ones, ones)) == pytest.approx(0.0, abs=1e-6)
+    smallest = 1 - np.float32(1 - losses.CE_EPS)  # 1 - p after clipping p = 1, in float32
+    assert value(losses.cross_entropy_loss(0 * ones, ones)) == pytest.approx(-np.log(smallest), rel=1e-5)
+
+
+# --- deformation regularisers -----------------------------------------------------------------
+
+
+def affine_ddf(seed=0, batch=2):
+    return spatial.affine_to_ddf(spatial.random_affine(batch, 0.3, seed=seed, shape=SHAPE), SHAPE).numpy()
+
+
+def test_bending_energy_of_an_affine_ddf_is_zero():
+    assert value(losses.bending_energy_loss(affine_ddf())) == pytest.approx(0.0, abs=1e-9)
+    assert value(losses.bending_energy_loss(np.full((1, *SHAPE, 3), 2.5, np.float32))) == 0.0
+
+
+def test_bending_energy_of_quadratic_ddfs():
+    grid = spatial.reference_grid(SHAPE).numpy()
+    d, h, w = grid[..., 0], grid[..., 1], grid[..., 2]
+    ddf = np.zeros((1, *SHAPE, 3), np.float32)
+    ddf[0, ..., 0] = 0.5 * d**2  # u_dd = 1 on one of the three components
+    assert value(losses.bending_energy_loss(ddf)) == pytest.approx(1 / 3, rel=1e-5)
+    ddf[0, ..., 0] = 0
+    ddf[0, ..., 2] = h * w  # u_hw = 1, counted twice
+    assert value(losses.bending_energy_loss(ddf)) == pytest.approx(2 / 3, rel=1e-5)
+
+
+def test_gradient_norms_of_an_affine_ddf():
+    affine = spatial.random_affine(1, 0.3, seed=3, shape=SHAPE).numpy()
+    ddf = spatial.affine_to_ddf(affine, SHAPE).numpy()
+    jacobian = affine[0, :3] - np.eye(3)  # du_c / dx_axis = jacobian[axis, c]
+    assert value(losses.gradient_l1_loss(ddf)) == pytest.approx(np.abs(jacobian).sum() / 3, rel=1e-4)
+    assert value(losses.gradient_l2_loss(ddf)) == pytest.approx(np.square(jacobian).sum() / 3, rel=1e-4)
+    assert value(losses.gradient_l2_loss(np.ones((1, *SHAPE, 3)))) == 0.0
+
+
+# --- gradients ----------------------------------------------------------------------------------
+
+
+def test_image_loss_gradients_agree_with_finite_differences():
+    rng = np.random.default_rng(1)
+    f = spatial.smooth(image(), 1.0).numpy()
+    w = spatial.smooth(image(seed=1), 1.0).numpy()
+    directional_check(lambda x: losses.ssd_loss(f, x), w, rng)
+    directional_check(lambda x: losses.ncc_loss(f, x), w, rng)
+    directional_check(lambda x: losses.lncc_loss(f, x, kernel_size=5), w, rng)
+    directional_check(lambda x: losses.lncc_loss(f, x, kernel_size=5, kernel="gaussian"), w, rng)
+    # MI does not differentiate through the min and max: keep those two voxels fixed.
+    mask = np.ones_like(w)
+    for b in range(w.shape[0]):
+        for index in (np.argmin(w[b]), np.argmax(w[b])):
+            mask[b].flat[index] = 0
+    directional_check(lambda x: losses.mutual_information_loss(f, x), w, rng, h=1e-3, mask=mask)
+
+
+def test_label_loss_gradients_agree_with_finite_differences():
+    rng = np.random.default_rng(2)
+    t = (image(channels=2) > 0.5).astype(np.float32)
+    p = 0.1 + 0.8 * image(channels=2, seed=1)
+    for fn in (losses.dice_loss, losses.jaccard_loss, losses.cross_entropy_loss):
+        directional_check(lambda x: fn(t, x), p, rng)
+    with tf.GradientTape() as tape:
+        x = tf.constant(p)
+        tape.watch(x)
+        score = losses.hard_dice(t, x)
+    assert tape.gradient(score, x) is None
+
+
+def test_regulariser_gradients_agree_with_finite_differences():
+    rng = np.random.default_rng(3)
+    ddf = rng.normal(size=(2, *SHAPE, 3)).astype(np.float32)
+    for fn in (losses.bending_energy_loss, losses.gradient_l1_loss, losses.gradient_l2_loss):
+        directional_check(fn, ddf, rng, h=1e-3)
+
+
+def test_registration_objective_gradient_through_warp():
+    rng = np.random.default_rng(4)
+    fixed = spatial.smooth(image(batch=1), 1.0)
+    moving = spatial.smooth(image(batch=1, seed=1), 1.0)
+
+    @tf.function(jit_compile=True)
+    def objective(ddf):
+        return losses.lncc_loss(fixed, spatial.warp(moving, ddf), kernel_size=5) + 0.1 * losses.bending_energy_loss(ddf)
+
+    ddf = 0.3 + 0.2 * rng.standard_normal((1, *SHAPE, 3)).astype(np.float32)
+    directional_check(objective, ddf, rng, h=1e-3)
+
+
+def test_all_losses_trace_under_xla_and_match_eager():
+    f, w = image(), image(seed=1)
+    ddf = RNG.normal(size=(2, *SHAPE, 3)).astype(np.float32)
+    calls = {
+        "ssd": (losses.ssd_loss, (f, w)),
+        "ncc": (losses.ncc_loss, (f, w)),
+        "lncc": (losses.lncc_loss, (f, w)),
+        "lncc_gaussian": (lambda a, b: losses.lncc_loss(a, b, kernel="gaussian"), (f, w)),
+        "mi": (losses.mutual_information_loss, (f, w)),
+        "dice": (losses.dice_loss, (f > 0.5, w)),
+        "hard_dice": (losses.hard_dice, (f, w)),
+        "jaccard": (losses.jaccard_loss, (f > 0.5, w)),
+        "ce": (losses.cross_entropy_loss, (f > 0.5, w)),
+        "bending": (losses.bending_energy_loss, (ddf,)),
+        "l1": (losses.gradient_l1_loss, (ddf,)),
+        "l2": (losses.gradient_l2_loss, (ddf,)),
+    }
+    for name, (fn, args) in calls.items():
+        args = [tf.constant(a, tf.float32) for a in args]
+        compiled = tf.function(fn, jit_compile=True)
+        assert float(compiled(*args)) == pytest.approx(float(fn(*args)), rel=1e-5, abs=1e-6), name
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def raises(*fragments):
+    return pytest.raises(ValueError, match=".*".join(re.escape(f) for f in fragments))
+
+
+def test_image_losses_reject_bad_inputs():
+    x = image()
+    for fn in losses.IMAGE_LOSSES.values():
+        with raises("fixed", "[batch, D, H, W] or [batch, D, H, W, C]"):
+            fn(x[0], x)
+        with raises("warped", "[batch, D, H, W] or [batch, D, H, W, C]"):
+            fn(x, x[..., None, None])
+        with raises("fixed and warped", "same shape"):
+            fn(x, x[:, :-1])
+        bad = x.copy()
+        bad[0, 1, 2, 3] = np.nan
+        with raises("warped", "NaN", "[batch, D, H, W]"):
+            fn(x, bad)
+        with raises("fixed", "real numbers", "[batch, D, H, W]"):
+            fn(x.astype(np.complex64), x)
+    with pytest.raises(ValueError, match="kernel"):
+        losses.lncc(x, x, kernel="triangle")
+    with pytest.raises(ValueError, match="odd"):
+        losses.lncc(x, x, kernel_size=4)
+
+
+def test_label_losses_reject_bad_inputs():
+    t = image() > 0.5
+    for fn in (losses.soft_dice, losses.hard_dice, losses.jaccard, losses.dice_loss, losses.cross_entropy_loss):
+        with raises("y_true", "[batch, D, H, W] or [batch, D, H, W, L]"):
+            fn(t[0], t)
+        with raises("y_true and y_pred", "same shape"):
+            fn(t, t[..., None].repeat(2, axis=-1))
+        with raises("y_pred", "NaN"):
+            fn(t, np.where(t, np.inf, 0.0))
+
+
+def test_regularisers_reject_bad_inputs():
+    for fn in (losses.bending_energy_loss, losses.gradient_l1_loss, losses.gradient_l2_loss):
+        with raises("ddf", "[batch, D, H, W, 3]"):
+            fn(np.zeros((1, *SHAPE, 2)))
+        with raises("ddf", "[batch, D, H, W, 3]"):
+            fn(np.zeros((*SHAPE, 3)))
+        with raises("ddf", "NaN", "[batch, D, H, W, 3]"):
+            fn(np.full((1, *SHAPE, 3), np.nan))
+    with raises("ddf", "at least 3 voxels"):
+        losses.bending_energy_loss(np.zeros((1, 2, 5, 5, 3)))

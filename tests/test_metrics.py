@@ -1,0 +1,160 @@
+"""Analytic tests of the evaluation metrics: Dice, target registration error and folding."""
+
+import re
+
+import numpy as np
+import pytest
+
+from teachreg import metrics, spatial
+
+RNG = np.random.default_rng(0)
+SHAPE = (6, 7, 8)
+
+
+def raises(*fragments):
+    return pytest.raises(ValueError, match=".*".join(re.escape(f) for f in fragments))
+
+
+# --- Dice -------------------------------------------------------------------------------------
+
+
+def test_dice_of_identical_empty_and_disjoint_masks():
+    mask = RNG.uniform(size=SHAPE) > 0.5
+    assert metrics.dice(mask, mask) == 1.0
+    assert metrics.dice(mask.astype(np.uint8), mask.astype(np.float32)) == 1.0
+    assert metrics.dice(np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)) == 1.0
+    assert metrics.dice(mask, ~mask) == 0.0
+    assert isinstance(metrics.dice(mask, mask), float)
+
+
+def test_dice_known_value():
+    a = np.zeros(SHAPE, bool)
+    b = np.zeros(SHAPE, bool)
+    a[0, 0, :2] = True
+    b[0, 0, 1:4] = True  # |A| = 2, |B| = 3, |A & B| = 1
+    assert metrics.dice(a, b) == pytest.approx(2 / 5)
+    assert metrics.dice(a[None], b[None]) == pytest.approx(2 / 5)
+
+
+def test_dice_per_label():
+    a = RNG.uniform(size=(*SHAPE, 3)) > 0.5
+    b = a.copy()
+    b[..., 1] = ~a[..., 1]
+    b[..., 2] = False
+    a[..., 2] = False
+    np.testing.assert_allclose(metrics.dice_per_label(a, b), [1.0, 0.0, 1.0])
+    single = metrics.dice_per_label(a, np.zeros_like(a))
+    assert single.shape == (3,)
+    np.testing.assert_allclose(single, [0.0, 0.0, 1.0])
+
+
+def test_dice_rejects_bad_inputs():
+    mask = RNG.uniform(size=SHAPE) > 0.5
+    with raises("mask_a and mask_b", "same shape"):
+        metrics.dice(mask, mask[:-1])
+    with raises("mask_b", "binary", "[..., D, H, W]"):
+        metrics.dice(mask, RNG.uniform(size=SHAPE))
+    with raises("mask_a", "rank", "[..., D, H, W]"):
+        metrics.dice(mask[0], mask[0])
+    with raises("mask_b", "NaN", "[..., D, H, W]"):
+        metrics.dice(mask, np.where(mask, np.nan, 0.0))
+    with raises("mask_a", "[D, H, W, L]"):
+        metrics.dice_per_label(mask, mask)
+
+
+# --- target registration error ----------------------------------------------------------------
+
+
+def test_tre_of_a_constant_error_uses_the_spacing():
+    ddf = np.broadcast_to(np.float32([1, 2, 3]), (*SHAPE, 3))
+    zero = np.zeros((*SHAPE, 3), np.float32)
+    spacing = (2.0, 1.0, 0.5)
+    expected = np.sqrt(2.0**2 + 2.0**2 + 1.5**2)
+    assert metrics.target_registration_error(ddf, zero, spacing) == pytest.approx(expected)
+    assert metrics.target_registration_error(ddf[None], zero[None], spacing) == pytest.approx(expected)
+    assert metrics.target_registration_error(ddf, ddf, spacing) == 0.0
+
+
+def test_tre_inside_a_mask():
+    ddf = np.zeros((*SHAPE, 3), np.float32)
+    ddf[:3, ..., 0] = 4.0  # 4 voxels of error in the first half along D
+    mask = np.zeros(SHAPE, bool)
+    mask[:3] = True
+    truth = np.zeros_like(ddf)
+    assert metrics.target_registration_error(ddf, truth, (0.5, 1, 1), mask=mask) == pytest.approx(2.0)
+    assert metrics.target_registration_error(ddf, truth, (0.5, 1, 1), mask=~mask) == 0.0
+    assert metrics.target_registration_error(ddf, truth, (0.5, 1, 1)) == pytest.approx(1.0)
+
+
+def test_tre_rejects_bad_inputs():
+    ddf = np.zeros((*SHAPE, 3), np.float32)
+    with raises("ddf and ddf_true", "same shape"):
+        metrics.target_registration_error(ddf, ddf[:-1], (1, 1, 1))
+    with raises("ddf_true", "[D, H, W, 3] or [1, D, H, W, 3]"):
+        metrics.target_registration_error(ddf, ddf[..., :2], (1, 1, 1))
+    with raises("ddf", "batch of 1"):
+        metrics.target_registration_error(np.stack([ddf, ddf]), ddf, (1, 1, 1))
+    with raises("ddf", "NaN"):
+        metrics.target_registration_error(np.full_like(ddf, np.inf), ddf, (1, 1, 1))
+    with raises("spacing", "3 positive"):
+        metrics.target_registration_error(ddf, ddf, (1, 1))
+    with raises("spacing", "3 positive"):
+        metrics.target_registration_error(ddf, ddf, (1, 0, 1))
+    with raises("mask", "[D, H, W]"):
+        metrics.target_registration_error(ddf, ddf, (1, 1, 1), mask=np.ones((*SHAPE, 1), bool))
+    with raises("mask", "same shape"):
+        metrics.target_registration_error(ddf, ddf, (1, 1, 1), mask=np.ones((6, 7, 9), bool))
+    with raises("mask selects no voxel"):
+        metrics.target_registration_error(ddf, ddf, (1, 1, 1), mask=np.zeros(SHAPE, bool))
+
+
+def test_landmark_error_of_an_affine_ddf_between_voxels():
+    affine = spatial.random_affine(1, 0.3, seed=1, shape=SHAPE)
+    ddf = spatial.affine_to_ddf(affine, SHAPE).numpy()
+    fixed = RNG.uniform(0, np.array(SHAPE) - 1, size=(5, 3)).astype(np.float32)
+    mapped = np.concatenate([fixed, np.ones((5, 1), np.float32)], axis=1) @ affine.numpy()[0]
+    # Trilinear interpolation of an affine DDF is exact, so the mapped points match.
+    np.testing.assert_allclose(metrics.landmark_error(fixed, mapped, ddf, (1, 1, 1)), 0.0, atol=1e-4)
+    spacing = (1.5, 2.0, 0.5)
+    errors = metrics.landmark_error(fixed, mapped + np.float32([1, 0, 2]), ddf[0], spacing)
+    assert errors.shape == (5,)
+    np.testing.assert_allclose(errors, np.sqrt(1.5**2 + 1.0**2), atol=1e-4)
+
+
+def test_landmark_error_rejects_bad_inputs():
+    ddf = np.zeros((*SHAPE, 3), np.float32)
+    points = np.zeros((4, 3), np.float32)
+    with raises("fixed_points", "[N, 3]"):
+        metrics.landmark_error(points[:, :2], points[:, :2], ddf, (1, 1, 1))
+    with raises("fixed_points and moving_points", "same shape"):
+        metrics.landmark_error(points, points[:3], ddf, (1, 1, 1))
+    with raises("moving_points", "NaN", "[N, 3]"):
+        metrics.landmark_error(points, np.full_like(points, np.nan), ddf, (1, 1, 1))
+    with raises("ddf", "[D, H, W, 3] or [1, D, H, W, 3]"):
+        metrics.landmark_error(points, points, ddf[..., 0], (1, 1, 1))
+
+
+# --- folding ----------------------------------------------------------------------------------
+
+
+def test_folding_fraction():
+    zero = np.zeros((*SHAPE, 3), np.float32)
+    assert metrics.folding_fraction(zero) == 0.0
+    grid = spatial.reference_grid(SHAPE).numpy()
+    flip = zero.copy()
+    flip[..., 2] = -2 * grid[..., 2]  # x -> -x along W: determinant -1 everywhere
+    assert metrics.folding_fraction(flip) == 1.0
+    squash = zero.copy()
+    squash[..., 0] = -grid[..., 0]  # everything onto one plane: determinant 0 counts as folded
+    assert metrics.folding_fraction(squash[None]) == 1.0
+    half = zero.copy()
+    half[..., :4, 2] = flip[..., :4, 2]  # u_w = 0, -2, -4, -6, 0, ...: du_w/dw = -2, -2, -2, 2, 3, 0, ...
+    assert metrics.folding_fraction(half) == pytest.approx(3 / 8)  # columns 0 to 2 of 8 fold
+    assert metrics.folding_fraction(np.stack([half, zero])) == pytest.approx(3 / 16)
+
+
+def test_folding_fraction_rejects_bad_inputs():
+    with raises("ddf", "[D, H, W, 3] or [batch, D, H, W, 3]"):
+        metrics.folding_fraction(np.zeros((*SHAPE, 2)))
+    with raises("ddf", "NaN"):
+        metrics.folding_fraction(np.full((*SHAPE, 3), np.nan))
