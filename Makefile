@@ -1,0 +1,28 @@
+# teachreg: the two set-up commands are `make course` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Tests and CI read data from the offline mirror beside the repository when there is one.
+export TEACHREG_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
+
+.PHONY: course test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,book]"
+	touch $(STAMP)
+
+course: $(STAMP)  ## create .venv, install teachreg, run the registration demo
+	$(PY) -m teachreg.demo
+
+test: $(STAMP)  ## the whole test suite (pytest exit 5, "no tests collected", counts as a failure)
+	@$(PY) -m pytest; code=$$?; \
+	if [ $$code -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; fi; exit $$code
+
+bench: $(STAMP)  ## speed figures as JSON
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) book/_build .pytest_cache

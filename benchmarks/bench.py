@@ -1,0 +1,124 @@
+"""Speed figures for the course's core operations, printed as JSON (`make bench`).
+
+Every comparison is measured side by side in one run, interleaving the contenders and taking the
+median of repeated runs, because shared machines are noisy. Targets (2-core CPU): the forward warp
+of a 128^3 volume no slower than `scipy.ndimage.map_coordinates(order=1)`, forward + gradient
+within 3x of the forward warp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+from scipy.ndimage import map_coordinates
+
+from teachreg import losses, spatial
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Run `fn` once to warm up (tracing, compilation), then `repeats` times; seconds per run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each contender, their runs interleaved round by round."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def warp_figures(device: str, size: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    volume_np = rng.uniform(size=(size,) * 3).astype(np.float32)
+    ddf_np = rng.uniform(-3, 3, size=(1, size, size, size, 3)).astype(np.float32)
+    coords_np = np.moveaxis(spatial.reference_grid((size,) * 3).numpy() + ddf_np[0], -1, 0)
+    with tf.device(device):
+        volume = tf.Variable(volume_np[None])
+        ddf = tf.Variable(ddf_np)
+        weights = tf.Variable(rng.normal(size=(1, size, size, size)).astype(np.float32))
+
+        @tf.function(jit_compile=True)
+        def forward():
+            return spatial.warp(volume, ddf)
+
+        @tf.function(jit_compile=True)
+        def forward_and_gradient():
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(spatial.warp(volume, ddf) * weights)
+            return tape.gradient(value, ddf)
+
+        contenders = {
+            "tf_forward_compiled": lambda: forward().numpy(),
+            "tf_forward_and_gradient_compiled": lambda: forward_and_gradient().numpy(),
+            "tf_forward_eager_call": lambda: spatial.warp(volume_np[None], ddf_np).numpy(),
+        }
+        if device.startswith("/CPU"):
+            contenders["scipy_map_coordinates_order1"] = lambda: map_coordinates(volume_np, coords_np, order=1, mode="nearest")
+        seconds = side_by_side(contenders, repeats)
+    out = {f"{k}_s": round(v, 4) for k, v in seconds.items()}
+    out["gradient_over_forward"] = round(seconds["tf_forward_and_gradient_compiled"] / seconds["tf_forward_compiled"], 2)
+    if "scipy_map_coordinates_order1_s" in out:
+        out["forward_over_scipy"] = round(seconds["tf_forward_compiled"] / seconds["scipy_map_coordinates_order1"], 2)
+        out["eager_call_over_scipy"] = round(seconds["tf_forward_eager_call"] / seconds["scipy_map_coordinates_order1"], 2)
+    return {"shape": [size] * 3, **out}
+
+
+def loss_figures(device: str, repeats: int) -> dict:
+    rng = np.random.default_rng(1)
+    shape = (1, 32, 128, 128)
+    fixed_np = spatial.smooth(rng.uniform(size=shape).astype(np.float32), 2.0).numpy()
+    moving_np = spatial.smooth(rng.uniform(size=shape).astype(np.float32), 2.0).numpy()
+    with tf.device(device):
+        fixed, moving = tf.Variable(fixed_np), tf.Variable(moving_np)
+        ddf = tf.Variable(rng.normal(scale=0.5, size=(*shape, 3)).astype(np.float32))
+
+        def step():
+            with tf.GradientTape() as tape:
+                warped = spatial.warp(moving, ddf)
+                value = losses.lncc_loss(fixed, warped) + 0.5 * losses.bending_energy_loss(ddf)
+            return tape.gradient(value, ddf)
+
+        compiled, graph = tf.function(step, jit_compile=True), tf.function(step)
+        seconds = side_by_side({"compiled": lambda: compiled().numpy(), "graph": lambda: graph().numpy()}, repeats)
+    return {"shape": list(shape[1:]), **{f"lncc_bending_with_gradient_{k}_s": round(v, 4) for k, v in seconds.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--size", type=int, default=128)
+    args = parser.parse_args()
+    devices = ["/CPU:0"] + [f"/GPU:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "tensorflow": tf.__version__, "devices": devices},
+    }
+    for device in devices:
+        report[device] = {
+            "warp": warp_figures(device, args.size, args.repeats),
+            "lncc_bending": loss_figures(device, args.repeats),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
