@@ -367,3 +367,25 @@ def test_regularisers_reject_bad_inputs():
             fn(np.full((1, *SHAPE, 3), np.nan))
     with raises("ddf", "at least 3 voxels"):
         losses.bending_energy_loss(np.zeros((1, 2, 5, 5, 3)))
+
+
+@pytest.mark.parametrize("name", ["ssd", "ncc", "lncc", "mi"])
+def test_mask_leaves_out_voxels(name):
+    """A mask of ones changes nothing; voxels with weight 0 cannot change the value."""
+    rng = np.random.default_rng(5)
+    fixed = rng.uniform(size=(1, 20, 9, 10)).astype(np.float32)
+    warped = (0.5 * fixed + 0.2 * rng.uniform(size=fixed.shape)).astype(np.float32)
+    loss = losses.IMAGE_LOSSES[name]
+    np.testing.assert_allclose(loss(fixed, warped, mask=np.ones_like(fixed)), loss(fixed, warped), rtol=1e-4, atol=1e-6)
+    spoiled = warped.copy()
+    spoiled[:, :3] = rng.uniform(-5, 5, size=spoiled[:, :3].shape)
+    mask = np.ones_like(fixed)
+    # LNCC's windows (9 voxels) reach 4 voxels across the mask's edge: leave those out too
+    mask[:, : 7 if name == "lncc" else 3] = 0
+    np.testing.assert_allclose(loss(fixed, spoiled, mask=mask), loss(fixed, warped, mask=mask), rtol=1e-4, atol=1e-6)
+
+
+def test_mask_shape_is_checked():
+    x = np.zeros((1, 4, 5, 6), np.float32)
+    with pytest.raises(ValueError, match="mask"):
+        losses.ssd_loss(x, x, mask=np.ones((1, 4, 5, 7)))

@@ -143,6 +143,15 @@ def test_random_affine_is_seeded_and_centred():
     assert np.all(np.abs(corner @ a[0] - corner[:3]) <= 0.2 * 2 * half + 1e-3)
 
 
+def test_inverse_affine_undoes_the_transform():
+    affine = spatial.random_affine(2, 0.3, seed=3, shape=(20, 30, 40))
+    inverse = spatial.invert_affine(affine).numpy()
+    points = np.hstack([RNG.uniform(0, 40, size=(10, 3)), np.ones((10, 1))])
+    for b in range(2):
+        there = np.hstack([points @ affine.numpy()[b], np.ones((10, 1))])
+        np.testing.assert_allclose(there @ inverse[b], points[:, :3], atol=1e-3)
+
+
 def test_jacobian_of_affine_ddf_is_its_determinant():
     matrix = np.array([[1.1, 0.2, 0.0], [0.05, 0.9, 0.1], [0.0, -0.1, 1.2]], np.float32)
     affine = np.vstack([matrix.T, [1.0, -2.0, 0.5]])[None].astype(np.float32)

@@ -51,33 +51,57 @@ def _labels(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
 # --- image similarity -------------------------------------------------------------------------
 
 
-def ssd_loss(fixed, warped) -> tf.Tensor:
+def _mask(mask, like: tf.Tensor) -> tf.Tensor | None:
+    """Voxel weights `[batch, D, H, W]` or `[batch, D, H, W, 1]` (0 ignores a voxel) as `[batch, D, H, W, 1]`."""
+    if mask is None:
+        return None
+    weights = _validate.as_float_tensor("mask", mask, (4, 5), "[batch, D, H, W] or [batch, D, H, W, 1]")
+    weights = weights[..., None] if weights.shape.rank == 4 else weights
+    if not weights.shape[:4].is_compatible_with(like.shape[:4]) or weights.shape[4] not in (None, 1):
+        raise ValueError(f"mask must have shape [batch, D, H, W] matching the images {tuple(like.shape[:4])}, got {tuple(weights.shape)}.")
+    return weights
+
+
+def _mean(x: tf.Tensor, weights: tf.Tensor | None, axis=None, keepdims: bool = False) -> tf.Tensor:
+    """Mean of `x` over `axis`, weighted per voxel by `weights` `[batch, D, H, W, 1]` when given."""
+    if weights is None:
+        return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+    weights = tf.broadcast_to(weights, tf.shape(x))
+    total = tf.reduce_sum(weights, axis=axis, keepdims=keepdims)
+    return tf.reduce_sum(x * weights, axis=axis, keepdims=keepdims) / tf.maximum(total, EPS)
+
+
+
+def ssd_loss(fixed, warped, mask=None) -> tf.Tensor:
     """Sum of squared differences, as a mean: mean over voxels and channels of `(fixed - warped)**2`.
 
-    A loss (minimised; 0 for identical images), in squared intensity units.
+    A loss (minimised; 0 for identical images), in squared intensity units. Every image loss
+    takes an optional `mask` `[batch, D, H, W]` of voxel weights (0 leaves a voxel out), for
+    example the voxels whose sample falls inside the moving image.
     """
     fixed, warped = _images(fixed, warped)
-    return tf.reduce_mean(tf.math.squared_difference(fixed, warped))
+    return _mean(tf.math.squared_difference(fixed, warped), _mask(mask, fixed))
 
 
-def ncc(fixed, warped) -> tf.Tensor:
+def ncc(fixed, warped, mask=None) -> tf.Tensor:
     """Global normalised cross-correlation, a score in [-1, 1] (maximised).
 
     Computed per sample and channel over all voxels, `cov(f, w) / sqrt(var(f) var(w) + NCC_EPS)`,
     then averaged over channels and the batch. `ncc(x, a * x + b) = 1` for `a > 0`, -1 for `a < 0`.
     """
     fixed, warped = _images(fixed, warped)
-    f = fixed - tf.reduce_mean(fixed, axis=_SPATIAL, keepdims=True)
-    w = warped - tf.reduce_mean(warped, axis=_SPATIAL, keepdims=True)
-    cov = tf.reduce_mean(f * w, axis=_SPATIAL)
-    var_f = tf.reduce_mean(f * f, axis=_SPATIAL)
-    var_w = tf.reduce_mean(w * w, axis=_SPATIAL)
+    weights = _mask(mask, fixed)
+    f = fixed - _mean(fixed, weights, axis=_SPATIAL, keepdims=True)
+    w = warped - _mean(warped, weights, axis=_SPATIAL, keepdims=True)
+    cov = _mean(f * w, weights, axis=_SPATIAL)
+    var_f = _mean(f * f, weights, axis=_SPATIAL)
+    var_w = _mean(w * w, weights, axis=_SPATIAL)
     return tf.reduce_mean(cov * tf.math.rsqrt(var_f * var_w + NCC_EPS))
 
 
-def ncc_loss(fixed, warped) -> tf.Tensor:
-    """`1 - ncc(fixed, warped)`, a loss in [0, 2] (minimised)."""
-    return 1.0 - ncc(fixed, warped)
+def ncc_loss(fixed, warped, mask=None) -> tf.Tensor:
+    """`1 - ncc(fixed, warped, mask)`, a loss in [0, 2] (minimised)."""
+    return 1.0 - ncc(fixed, warped, mask=mask)
 
 
 def _window(kernel_size: int, kernel: str) -> np.ndarray:
@@ -101,7 +125,7 @@ def _filtered_ones(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
     return (d[:, None, None] * h[None, :, None] * w[None, None, :])[None, ..., None]
 
 
-def lncc(fixed, warped, kernel_size: int = 9, kernel: str = "box") -> tf.Tensor:
+def lncc(fixed, warped, kernel_size: int = 9, kernel: str = "box", mask=None) -> tf.Tensor:
     """Local normalised cross-correlation, a score in [0, 1] (maximised), as DeepReg / VoxelMorph.
 
     Around each voxel, with window weights `k`: `cross**2 / (var_f * var_w + EPS)`, EPS = 1e-5,
@@ -130,22 +154,23 @@ def lncc(fixed, warped, kernel_size: int = 9, kernel: str = "box") -> tf.Tensor:
     var_w = tf.maximum(mean_ww - mean_w * mean_w, 0.0)
     # Means times the window's weight (centre weight 1) are the sums of DeepReg / VoxelMorph.
     weight = ones * float(1.0 / taps.max()) ** 3
-    return tf.reduce_mean(cross * cross / (var_f * var_w + EPS / (weight * weight)))
+    return _mean(cross * cross / (var_f * var_w + EPS / (weight * weight)), _mask(mask, fixed))
 
 
-def lncc_loss(fixed, warped, kernel_size: int = 9, kernel: str = "box") -> tf.Tensor:
-    """`1 - lncc(fixed, warped, kernel_size, kernel)`, a loss in [0, 1] (minimised)."""
-    return 1.0 - lncc(fixed, warped, kernel_size=kernel_size, kernel=kernel)
+def lncc_loss(fixed, warped, kernel_size: int = 9, kernel: str = "box", mask=None) -> tf.Tensor:
+    """`1 - lncc(fixed, warped, kernel_size, kernel, mask)`, a loss in [0, 1] (minimised)."""
+    return 1.0 - lncc(fixed, warped, kernel_size=kernel_size, kernel=kernel, mask=mask)
 
 
-def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5) -> tf.Tensor:
+def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5, mask=None) -> tf.Tensor:
     """Mutual information in nats, a score >= 0 (maximised), as DeepReg's GlobalMutualInformation.
 
-    Each image is rescaled to [0, 1] by its own minimum and maximum per sample (not
-    differentiated through), then every voxel (channels counted as voxels) spreads over `bins`
+    Each image is rescaled to [0, 1] by its own minimum and maximum per sample over the voxels
+    that count (not differentiated through), then every voxel (channels counted as voxels) spreads over `bins`
     equally spaced bin centres with Gaussian Parzen weights of sigma `sigma_ratio` times the bin
     spacing, normalised to sum to 1. From the joint histogram `p_ab` and its marginals:
-    `sum p_ab log((p_ab + EPS) / (p_a p_b + EPS))`.
+    `sum p_ab log((p_ab + EPS) / (p_a p_b + EPS))`. With a `mask`, voxels count in the
+    histograms with its weights.
     """
     fixed, warped = _images(fixed, warped)
     if bins < 2:
@@ -154,30 +179,37 @@ def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5) 
     sigma = sigma_ratio / (bins - 1)
     batch = tf.shape(fixed)[0]
 
+    weights = _mask(mask, fixed)
+    if weights is None:
+        counts = tf.ones([batch, tf.size(fixed) // batch, 1])
+    else:  # channels count as voxels, each with its voxel's weight
+        counts = tf.reshape(tf.broadcast_to(weights, tf.shape(fixed)), [batch, -1, 1])
+
     def parzen(image):  # [batch, voxels, bins], rows summing to 1
         x = tf.reshape(image, [batch, -1, 1])
-        low = tf.stop_gradient(tf.reduce_min(x, axis=1, keepdims=True))
-        high = tf.stop_gradient(tf.reduce_max(x, axis=1, keepdims=True))
-        x = (x - low) / tf.maximum(high - low, EPS)
+        counted = counts > 0  # the range comes from the voxels that count
+        low = tf.stop_gradient(tf.reduce_min(tf.where(counted, x, np.inf), axis=1, keepdims=True))
+        high = tf.stop_gradient(tf.reduce_max(tf.where(counted, x, -np.inf), axis=1, keepdims=True))
+        x = tf.clip_by_value((x - low) / tf.maximum(high - low, EPS), 0.0, 1.0)  # clips uncounted voxels only
         weights = tf.exp(-tf.square(x - centres) / (2.0 * sigma**2))
         return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
     w_a, w_b = parzen(fixed), parzen(warped)
-    voxels = tf.cast(tf.shape(w_a)[1], tf.float32)
-    p_ab = tf.matmul(w_a, w_b, transpose_a=True) / voxels  # [batch, bins, bins]
-    p_a = tf.reduce_mean(w_a, axis=1)
-    p_b = tf.reduce_mean(w_b, axis=1)
+    total = tf.maximum(tf.reduce_sum(counts, axis=1, keepdims=True), EPS)
+    p_ab = tf.matmul(w_a * counts / total, w_b, transpose_a=True)  # [batch, bins, bins]
+    p_a = tf.reduce_sum(w_a * counts / total, axis=1)
+    p_b = tf.reduce_sum(w_b * counts / total, axis=1)
     p_a_p_b = p_a[:, :, None] * p_b[:, None, :]
     return tf.reduce_mean(tf.reduce_sum(p_ab * tf.math.log((p_ab + EPS) / (p_a_p_b + EPS)), axis=[1, 2]))
 
 
-def mutual_information_loss(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5) -> tf.Tensor:
-    """`-mutual_information(fixed, warped, bins, sigma_ratio)`, a loss in nats (minimised)."""
-    return -mutual_information(fixed, warped, bins=bins, sigma_ratio=sigma_ratio)
+def mutual_information_loss(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5, mask=None) -> tf.Tensor:
+    """`-mutual_information(fixed, warped, bins, sigma_ratio, mask)`, a loss in nats (minimised)."""
+    return -mutual_information(fixed, warped, bins=bins, sigma_ratio=sigma_ratio, mask=mask)
 
 
 IMAGE_LOSSES = {"ssd": ssd_loss, "ncc": ncc_loss, "lncc": lncc_loss, "mi": mutual_information_loss}
-"""Image losses by short name, each called as `loss(fixed, warped)` and minimised."""
+"""Image losses by short name, each called as `loss(fixed, warped, mask=None)` and minimised."""
 
 
 # --- labels -----------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ def affine_to_ddf(affine, shape: Shape3) -> tf.Tensor:
     return warp_grid(grid, affine) - grid[None]
 
 
+def invert_affine(affine) -> tf.Tensor:
+    """The inverse transforms of affines `[batch, 4, 3]`, also `[batch, 4, 3]`."""
+    affine = _affine(affine)
+    last_column = tf.tile(tf.constant([[[0.0], [0.0], [0.0], [1.0]]]), [tf.shape(affine)[0], 1, 1])
+    return tf.linalg.inv(tf.concat([affine, last_column], axis=2))[:, :, :3]
+
+
 def affine_from_parameters(
     rotations=(0.0, 0.0, 0.0),
     scales=(1.0, 1.0, 1.0),
@@ -115,7 +122,7 @@ def random_affine(batch_size: int, scale: float, seed: int | None = None, shape:
     new = old[None, :, :3] * rng.uniform(1 - scale, 1, size=(batch_size, 4, 3))
     theta = np.stack([np.linalg.solve(old, n) for n in new])  # [batch, 4, 3] in the cube's frame
     if shape is not None:
-        half = (np.asarray(_shape3(shape), np.float64) - 1) / 2
+        half = np.maximum((np.asarray(_shape3(shape), np.float64) - 1) / 2, 0.5)
         # voxel -> cube: (x - half) / half; cube -> voxel: y * half + half
         to_cube = np.vstack([np.diag(1 / half), -np.ones((1, 3))])
         to_cube = np.hstack([to_cube, np.eye(4)[:, 3:]])  # [4, 4] on row vectors
@@ -142,6 +149,12 @@ def resample(volume, coordinates, interpolation: str = "linear", padding: str = 
     fn = _sample_linear if interpolation == "linear" else _sample_nearest
     out = _compiled(fn)(volume, coordinates, padding == "zeros")
     return out if has_channels else out[..., 0]
+
+
+def inside(coordinates, shape) -> tf.Tensor:
+    """1 where `coordinates` `[..., 3]` (voxels) lie inside a volume of `shape` (D, H, W), else 0: `[...]` float32."""
+    upper = tf.cast(shape, tf.float32) - 1.0
+    return tf.cast(tf.reduce_all((coordinates >= 0.0) & (coordinates <= upper), axis=-1), tf.float32)
 
 
 def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> tf.Tensor:
@@ -189,13 +202,18 @@ def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
     (as `numpy.gradient`). Each axis needs at least 2 voxels.
     """
     grads = []
+    shape = tf.shape(field)
     for axis in (1, 2, 3):
-        n = field.shape[axis]
-        if n is not None and n < 2:
-            raise ValueError(f"the spatial gradient needs at least 2 voxels along each axis, got shape {tuple(field.shape)}.")
-        first = tf.gather(field, [1], axis=axis) - tf.gather(field, [0], axis=axis)
-        last = tf.gather(field, [n - 1], axis=axis) - tf.gather(field, [n - 2], axis=axis)
-        inner = (tf.gather(field, tf.range(2, n), axis=axis) - tf.gather(field, tf.range(0, n - 2), axis=axis)) / 2
+        n = shape[axis]
+        tf.debugging.assert_greater_equal(n, 2, message="the spatial gradient needs at least 2 voxels along each axis")
+
+        def part(start, size, axis=axis):
+            begin = tf.one_hot(axis, 5, dtype=tf.int32) * start
+            return tf.slice(field, begin, tf.tensor_scatter_nd_update(shape, [[axis]], [size]))
+
+        first = part(1, 1) - part(0, 1)
+        inner = (part(2, n - 2) - part(0, n - 2)) / 2
+        last = part(n - 1, 1) - part(n - 2, 1)
         grads.append(tf.concat([first, inner, last], axis=axis))
     return tf.stack(grads, axis=-1)
 
@@ -380,7 +398,7 @@ def _sample_nearest(volume: tf.Tensor, coordinates: tf.Tensor, zeros: bool) -> t
     padded, coords = _padded_and_indexed(volume, coordinates, zeros)
     out_shape = tf.shape(coords)[:-1]
     batch = tf.shape(coords)[0]
-    index3 = tf.cast(tf.round(tf.reshape(coords, [batch, -1, 3])), tf.int32)
+    index3 = tf.cast(tf.floor(tf.reshape(coords, [batch, -1, 3]) + 0.5), tf.int32)  # ties go up
     n = tf.shape(padded)[1:4]
     channels = tf.shape(padded)[4]
     index = (index3[..., 0] * n[1] + index3[..., 1]) * n[2] + index3[..., 2]
