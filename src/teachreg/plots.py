@@ -1,0 +1,157 @@
+"""Figures for the course: slices, label overlays, deformed grids and live loss curves (matplotlib).
+
+Volumes are NumPy arrays `[D, H, W]` (z, y, x); a slice `k` is `volume[k]`, shown with rows
+down and columns across. Label overlays use the Okabe-Ito palette, which readers with the
+common colour-vision deficiencies can tell apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+
+# Okabe & Ito (2008), "Color Universal Design": distinguishable with deuteranopia and protanopia.
+OKABE_ITO = {
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+}
+OVERLAP_COLOURS = {
+    "true positive": OKABE_ITO["bluish_green"],
+    "false positive": OKABE_ITO["orange"],
+    "false negative": OKABE_ITO["blue"],
+}
+
+
+def ct_window(image: np.ndarray, centre: float = 40.0, width: float = 400.0) -> np.ndarray:
+    """Map Hounsfield units to [0, 1] with a display window (soft tissue by default)."""
+    return np.clip((np.asarray(image, np.float32) - (centre - width / 2)) / width, 0.0, 1.0)
+
+
+def show_slices(
+    volumes: Sequence[np.ndarray],
+    titles: Sequence[str],
+    index: int | None = None,
+    labels: Sequence[np.ndarray | None] | None = None,
+    spacing: Sequence[float] | None = None,
+    cmap: str = "gray",
+    suptitle: str | None = None,
+):
+    """Show slice `index` (default: the middle) of each volume `[D, H, W]` side by side.
+
+    `labels`: optional masks `[D, H, W]` or `[D, H, W, L]` drawn as coloured contours.
+    `spacing` (mm, z y x) sets the pixel aspect ratio. Returns the figure.
+    """
+    index = volumes[0].shape[0] // 2 if index is None else index
+    fig, axes = plt.subplots(1, len(volumes), figsize=(3.2 * len(volumes), 3.4), squeeze=False)
+    aspect = spacing[1] / spacing[2] if spacing is not None else 1.0
+    for i, (ax, volume, title) in enumerate(zip(axes[0], volumes, titles)):
+        ax.imshow(volume[index], cmap=cmap, aspect=aspect, vmin=np.min(volume), vmax=np.max(volume))
+        if labels is not None and labels[i] is not None:
+            _contours(ax, labels[i][index])
+        ax.set_title(title)
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def _contours(ax, label_slice: np.ndarray) -> None:
+    """Draw each label channel of a slice `[H, W]` or `[H, W, L]` as a contour in its own colour."""
+    channels = label_slice[..., None] if label_slice.ndim == 2 else label_slice
+    colours = list(OKABE_ITO.values())
+    for c in range(channels.shape[-1]):
+        if channels[..., c].max() > 0.5 and channels[..., c].min() < 0.5:
+            ax.contour(channels[..., c], levels=[0.5], colors=[colours[c % len(colours)]], linewidths=1.2)
+
+
+def overlap_image(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Classify pixels of two binary masks: 0 background, 1 true positive, 2 false positive, 3 false negative."""
+    truth, prediction = np.asarray(truth) > 0.5, np.asarray(prediction) > 0.5
+    out = np.zeros(truth.shape, np.uint8)
+    out[truth & prediction] = 1
+    out[~truth & prediction] = 2
+    out[truth & ~prediction] = 3
+    return out
+
+
+def show_overlap(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, ax=None, title: str = "", aspect: float = 1.0):
+    """Overlay true positives, false positives and false negatives of two 2-D masks on a 2-D image."""
+    ax = ax or plt.gca()
+    ax.imshow(image, cmap="gray", aspect=aspect)
+    cmap = ListedColormap(["none", *OVERLAP_COLOURS.values()])
+    ax.imshow(overlap_image(truth, prediction), cmap=cmap, vmin=0, vmax=3, alpha=0.75, interpolation="nearest", aspect=aspect)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in OVERLAP_COLOURS.values()]
+    ax.legend(handles, list(OVERLAP_COLOURS), loc="lower right", fontsize=7, framealpha=0.8)
+    ax.set_title(title)
+    ax.axis("off")
+    return ax
+
+
+def deformed_grid(ddf_slice: np.ndarray, ax=None, step: int = 4, colour: str = OKABE_ITO["blue"], title: str = ""):
+    """Draw the grid lines of a 2-D slice of a DDF, `[H, W, 2]` (row and column displacements, voxels).
+
+    Each grid point `x` is drawn at `x + ddf(x)`: where the transform sends it to sample the moving image.
+    """
+    ax = ax or plt.gca()
+    rows, cols = np.meshgrid(np.arange(ddf_slice.shape[0]), np.arange(ddf_slice.shape[1]), indexing="ij")
+    y, x = rows + ddf_slice[..., 0], cols + ddf_slice[..., 1]
+    for r in range(0, y.shape[0], step):
+        ax.plot(x[r], y[r], color=colour, linewidth=0.8)
+    for c in range(0, y.shape[1], step):
+        ax.plot(x[:, c], y[:, c], color=colour, linewidth=0.8)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()
+    ax.set_title(title)
+    ax.axis("off")
+    return ax
+
+
+class LiveLoss:
+    """A loss curve that redraws itself during an optimisation; pass it as the `callback`.
+
+    In a notebook the figure updates in place every `every` steps (one output, so the stored
+    notebook keeps only the final curve); elsewhere it just records the values.
+    """
+
+    def __init__(self, every: int = 10, title: str = "loss during optimisation", logy: bool = False):
+        from IPython.display import display
+
+        self.every, self.title, self.logy = every, title, logy
+        self.values: list[float] = []
+        self.levels: list[int] = []
+        self.fig, self.ax = plt.subplots(figsize=(6, 3))
+        plt.close(self.fig)  # shown through the display handle only
+        self.handle = display(self.fig, display_id=True)
+
+    def __call__(self, level: int, step: int, value: float) -> None:
+        self.values.append(value)
+        self.levels.append(level)
+        if len(self.values) % self.every == 0:
+            self.draw()
+
+    def draw(self) -> None:
+        """Redraw the curve with every value so far, one colour per pyramid level."""
+        self.ax.clear()
+        steps, levels = np.arange(len(self.values)), np.asarray(self.levels)
+        colours = list(OKABE_ITO.values())
+        for level in np.unique(levels):
+            at = levels == level
+            self.ax.plot(steps[at], np.asarray(self.values)[at], color=colours[level % len(colours)], label=f"level {level}")
+        self.ax.set_xlabel("step")
+        self.ax.set_ylabel("loss")
+        if self.logy:
+            self.ax.set_yscale("log")
+        self.ax.set_title(self.title)
+        self.ax.legend(fontsize=8)
+        self.fig.tight_layout()
+        if self.handle is not None:
+            self.handle.update(self.fig)
