@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from teachreg import register, spatial
+from teachreg import metrics, register, spatial
 
 
 def blobs(shape=(24, 32, 32), seed=0):
@@ -53,3 +53,37 @@ def test_affine_rejects_bad_arguments(kwargs, match):
     moving = fixed if kwargs else fixed[:, :, :10]
     with pytest.raises(ValueError, match=match):
         register.affine(moving, fixed, **kwargs)
+
+
+def smooth_ddf(shape, amplitude, seed):
+    """A smooth random DDF `[1, D, H, W, 3]` (voxels) with mean magnitude about `amplitude`."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(1, *shape, 3)).astype(np.float32)
+    field = spatial.smooth(noise, 4.0).numpy()
+    return (field * amplitude / np.linalg.norm(field, axis=-1).mean()).astype(np.float32)
+
+
+@pytest.mark.parametrize("transform", ["ddf", "bspline", "svf"])
+def test_nonrigid_recovers_a_known_smooth_deformation(transform):
+    moving = blobs(seed=3)
+    true_ddf = smooth_ddf(moving.shape, 1.5, seed=4)
+    fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
+    kwargs = {"bspline": {"grid_spacing": 4.0, "learning_rate": 0.05}}.get(transform, {})
+    result = register.nonrigid(moving, fixed, transform=transform, regulariser_weight=0.1, **kwargs)
+    error = np.linalg.norm(result.ddf.numpy() - true_ddf, axis=-1)[0]
+    structure = spatial.smooth(np.abs(fixed - fixed.mean())[None], 1.0).numpy()[0] > 0.05  # where there is something to match
+    assert error[structure].mean() < 0.5 * np.linalg.norm(true_ddf, axis=-1)[0][structure].mean()
+    assert error[structure].mean() < 0.8, f"{transform}: error {error[structure].mean():.2f} voxels"
+
+
+def test_label_term_drives_label_overlap_up():
+    moving = blobs(seed=5)
+    true_ddf = smooth_ddf(moving.shape, 2.0, seed=6)
+    fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
+    moving_label = (moving > np.percentile(moving, 90)).astype(np.float32)
+    fixed_label = spatial.warp(moving_label[None], true_ddf, interpolation="nearest").numpy()[0]
+    flat = np.full_like(moving, 0.5)  # no image information at all: only the labels can drive it
+    result = register.nonrigid(flat, flat, moving_label=moving_label, fixed_label=fixed_label, label_weight=1.0, steps=(60, 60, 40))
+    before = metrics.dice(moving_label > 0.5, fixed_label > 0.5)
+    after = metrics.dice(result.warp(moving_label) >= 0.5, fixed_label > 0.5)
+    assert after > before + 0.1, f"Dice {before:.3f} -> {after:.3f}"

@@ -128,8 +128,13 @@ def _half_size(image: tf.Tensor) -> np.ndarray:
     return (np.asarray(image.shape[1:4], np.float32) - 1) / 2
 
 
-def _pair(moving, fixed) -> tuple[tf.Tensor, tf.Tensor]:
-    """Validate a moving and a fixed image of one shape; return both as `[1, D, H, W, 1]` float32, windowed alike."""
+def _pair(moving, fixed, window: str = "shared") -> tuple[tf.Tensor, tf.Tensor]:
+    """Validate a moving and a fixed image of one shape; return both as `[1, D, H, W, 1]` float32 in about [0, 1].
+
+    window "shared": both mapped by the fixed image's 1st-99th percentile window (same scanner
+    and contrast; SSD stays meaningful); "each": each by its own window, clipped to [0, 1]
+    (different subjects or scanners, whose intensity ranges differ).
+    """
     arrays = {}
     for name, image in (("moving", moving), ("fixed", fixed)):
         array = np.asarray(image, np.float32)
@@ -139,8 +144,14 @@ def _pair(moving, fixed) -> tuple[tf.Tensor, tf.Tensor]:
             raise ValueError(f"{name} must have shape [D, H, W] or [1, D, H, W], got shape {array.shape}.")
         arrays[name] = _validate.image(name, array)
     _validate.same_shape("moving", arrays["moving"], "fixed", arrays["fixed"])
-    lo, hi = intensity_window(arrays["fixed"].numpy())
-    return (arrays["moving"] - lo) / (hi - lo), (arrays["fixed"] - lo) / (hi - lo)
+    if window == "shared":
+        lo, hi = intensity_window(arrays["fixed"].numpy())
+        return (arrays["moving"] - lo) / (hi - lo), (arrays["fixed"] - lo) / (hi - lo)
+    out = []
+    for name in ("moving", "fixed"):
+        lo, hi = intensity_window(arrays[name].numpy())
+        out.append(tf.clip_by_value((arrays[name] - lo) / (hi - lo), 0.0, 1.0))
+    return out[0], out[1]
 
 
 def _image_loss(name: str):
@@ -169,3 +180,141 @@ def _pyramid(moving: tf.Tensor, fixed: tf.Tensor, levels: int, smoothing: float)
 def _decaying(learning_rate: float, steps: int):
     """A cosine decay from `learning_rate` to 1 % of it over `steps`."""
     return keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1), alpha=0.01)
+
+
+REGULARISERS = {"bending": losses.bending_energy_loss, "l2": losses.gradient_l2_loss, "l1": losses.gradient_l1_loss}
+"""Deformation regularisers by name, each called as `regulariser(ddf)` and minimised."""
+
+
+def nonrigid(
+    moving,
+    fixed,
+    loss: str = "lncc",
+    regulariser: str = "bending",
+    regulariser_weight: float = 1.0,
+    transform: str = "ddf",
+    grid_spacing: float = 8.0,
+    moving_label=None,
+    fixed_label=None,
+    label_weight: float = 0.0,
+    initial: Result | None = None,
+    learning_rate: float = 0.1,
+    levels: int = 3,
+    steps: int | tuple[int, ...] = (100, 100, 60),
+    tolerance: float = 0.0,
+    callback: Callback | None = None,
+) -> Result:
+    """Fit a dense deformation mapping `fixed` voxels into `moving` by Adam.
+
+    moving, fixed: `[D, H, W]` or `[1, D, H, W]` of one shape, of two subjects or scanners: each is
+    mapped to [0, 1] by its own 1st-99th percentile window.
+    The objective is `loss(fixed, warped)` (a name in `losses.IMAGE_LOSSES`, counted only where
+    the sample lies inside the moving image) `+ regulariser_weight * regulariser(ddf)` (a name in
+    `REGULARISERS`, in voxel units of each level) `+ label_weight * dice_loss(fixed_label,
+    warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` are given.
+    `transform`: "ddf" (a free displacement per voxel, the tutorial's parameterisation), "bspline"
+    (cubic B-spline control points every `grid_spacing` voxels of the finest level) or "svf"
+    (a stationary velocity field per voxel, integrated by scaling and squaring: diffeomorphic).
+    `initial`: a `Result` (e.g. from `affine`) applied first; the returned DDF includes it.
+    `levels` pyramid levels with `steps` Adam steps each, the learning rate (voxels of each level
+    per step) decaying to 1 % within a level; a level stops early when the loss improved by less
+    than `tolerance` (relative) over its last 20 steps (0 disables the rule).
+    """
+    if transform not in ("ddf", "bspline", "svf"):
+        raise ValueError(f"transform must be 'ddf', 'bspline' or 'svf', got {transform!r}.")
+    if regulariser not in REGULARISERS:
+        raise ValueError(f"regulariser must be one of {sorted(REGULARISERS)}, got {regulariser!r}.")
+    if (moving_label is None) != (fixed_label is None):
+        raise ValueError("give both moving_label and fixed_label, or neither.")
+    moving_t, fixed_t = _pair(moving, fixed, window="each")
+    loss_fn, regulariser_fn = _image_loss(loss), REGULARISERS[regulariser]
+    steps = _per_level(steps, levels)
+    shape = tuple(fixed_t.shape[1:4])
+    labels = None if moving_label is None else _label_pair(moving_label, fixed_label, shape)
+    if initial is not None:  # register the affinely pre-warped image, compose at the end
+        moving_t = spatial.warp(moving_t, initial.ddf)
+        if labels is not None:
+            labels = (spatial.warp(labels[0], initial.ddf), labels[1])
+
+    pyramid = list(_pyramid(moving_t, fixed_t, levels, 0.0))
+    label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else [(None, None)] * levels
+    control_shape = spatial.bspline_control_shape(shape, grid_spacing)
+    params = None
+    result = Result(ddf=tf.zeros([1, *shape, 3]))
+    start = time.perf_counter()
+    for level, ((moving_l, fixed_l), (mlabel_l, flabel_l)) in enumerate(zip(pyramid, label_pyramid)):
+        level_shape = tuple(fixed_l.shape[1:4])
+        scale = (np.asarray(level_shape, np.float32) - 1) / np.maximum(np.asarray(shape, np.float32) - 1, 1)
+        if transform == "bspline":
+            bases = [tf.constant(spatial.bspline_basis(n, grid_spacing * f, c)) for n, f, c in zip(level_shape, scale, control_shape)]
+            factor = scale / previous_scale if params is not None else None
+            params = tf.Variable(tf.zeros([1, *control_shape, 3]) if params is None else params * factor)
+        else:
+            bases = None
+            params = tf.Variable(tf.zeros([1, *level_shape, 3]) if params is None else spatial.resize_ddf(params, level_shape))
+        previous_scale = scale
+        to_ddf = _ddf_maker(transform, bases)
+        optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
+        step_fn = _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, labels is not None)
+        recent: list[float] = []
+        for step in range(steps[level]):
+            value = float(step_fn(moving_l, fixed_l, mlabel_l if labels is not None else moving_l,
+                                  flabel_l if labels is not None else fixed_l,
+                                  tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)))
+            result.history.append(value)
+            result.levels.append(level)
+            recent.append(value)
+            if callback is not None:
+                callback(level, step, value)
+            if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
+                break
+        final_ddf = to_ddf(params)
+    result.seconds = time.perf_counter() - start
+    ddf = final_ddf if tuple(final_ddf.shape[1:4]) == shape else spatial.resize_ddf(final_ddf, shape)
+    result.ddf = ddf if initial is None else spatial.compose_ddf(initial.ddf, ddf)
+    return result
+
+
+def _ddf_maker(transform: str, bases):
+    """The function from the optimised parameters to a DDF at the current level."""
+    if transform == "bspline":
+        return lambda params: spatial.bspline_to_ddf(params, bases)
+    if transform == "svf":
+        return lambda params: spatial.svf_to_ddf(params, steps=5)
+    return lambda params: tf.convert_to_tensor(params)
+
+
+def _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, use_labels: bool):
+    """One compiled Adam step of the nonrigid objective; returns the objective before the step."""
+
+    @tf.function(jit_compile=True)
+    def loss_and_grads(moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight):
+        with tf.GradientTape() as tape:
+            ddf = to_ddf(params)
+            grid = spatial.reference_grid_like(fixed)[None]
+            warped = spatial.resample(moving, grid + ddf)
+            value = loss_fn(fixed, warped, mask=spatial.inside(grid + ddf, tf.shape(moving)[1:4]))
+            value += regulariser_weight * regulariser_fn(ddf)
+            if use_labels:
+                value += label_weight * losses.dice_loss(fixed_label, spatial.resample(moving_label, grid + ddf))
+        return value, tape.gradient(value, params)
+
+    def step(*args):
+        value, grads = loss_and_grads(*args)
+        optimizer.apply([grads], [params])
+        return value
+
+    return step
+
+
+def _label_pair(moving_label, fixed_label, shape) -> tuple[tf.Tensor, tf.Tensor]:
+    """Labels `[D, H, W]`, `[D, H, W, L]` or with batch 1, as float32 `[1, D, H, W, L]`."""
+    out = []
+    for name, label in (("moving_label", moving_label), ("fixed_label", fixed_label)):
+        array = np.asarray(label, np.float32)
+        if array.shape[:3] == shape:
+            array = array[None]
+        if array.shape[1:4] != shape or array.ndim not in (4, 5):
+            raise ValueError(f"{name} must have shape {list(shape)} or {list(shape)} + [L], got {array.shape}.")
+        out.append(_validate.image(name, array))
+    return out[0], out[1]

@@ -229,6 +229,33 @@ def jacobian_determinant(ddf) -> tf.Tensor:
     return tf.linalg.det(jacobian)
 
 
+def bspline_basis(size: int, spacing: float, count: int) -> np.ndarray:
+    """Cubic B-spline weights `[size, count]` of `count` control points spaced `spacing` voxels.
+
+    Control point `k` sits at voxel `(k - 1) * spacing`, so the points start one spacing before
+    the first voxel; `count = ceil((size - 1) / spacing) + 3` covers the axis.
+    """
+    t = np.arange(size)[:, None] / spacing + 1.0 - np.arange(count)[None, :]
+    a = np.abs(t)
+    return np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0)).astype(np.float32)
+
+
+def bspline_control_shape(shape: Shape3, spacing: float) -> tuple[int, int, int]:
+    """The control grid `(d, h, w)` that covers a volume of `shape` with points `spacing` voxels apart."""
+    return tuple(int(np.ceil((n - 1) / spacing)) + 3 for n in _shape3(shape))
+
+
+def bspline_to_ddf(control_points, bases) -> tf.Tensor:
+    """A DDF `[batch, D, H, W, 3]` from cubic B-spline control displacements `[batch, d, h, w, 3]`.
+
+    `bases`: the three `bspline_basis` matrices `[D, d]`, `[H, h]`, `[W, w]`; displacements in the
+    DDF's voxels. The field is smooth (twice continuously differentiable) by construction.
+    """
+    x = tf.einsum("Dd,bdhwc->bDhwc", bases[0], control_points)
+    x = tf.einsum("Hh,bDhwc->bDHwc", bases[1], x)
+    return tf.einsum("Ww,bDHwc->bDHWc", bases[2], x)
+
+
 def smooth(image, sigma: float) -> tf.Tensor:
     """Gaussian smoothing of `image` `[batch, D, H, W(, C)]` with `sigma` in voxels (same shape)."""
     has_channels = _rank(image) == 5
