@@ -238,21 +238,25 @@ def nonrigid(
 
     pyramid = list(_pyramid(moving_t, fixed_t, levels, 0.0))
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else [(None, None)] * levels
-    control_shape = spatial.bspline_control_shape(shape, grid_spacing)
     params = None
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start = time.perf_counter()
     for level, ((moving_l, fixed_l), (mlabel_l, flabel_l)) in enumerate(zip(pyramid, label_pyramid)):
         level_shape = tuple(fixed_l.shape[1:4])
-        scale = (np.asarray(level_shape, np.float32) - 1) / np.maximum(np.asarray(shape, np.float32) - 1, 1)
         if transform == "bspline":
-            bases = [tf.constant(spatial.bspline_basis(n, grid_spacing * f, c)) for n, f, c in zip(level_shape, scale, control_shape)]
-            factor = scale / previous_scale if params is not None else None
-            params = tf.Variable(tf.zeros([1, *control_shape, 3]) if params is None else params * factor)
+            # The control grid is refined with the images, as elastix does: at the coarsest level
+            # its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
+            scale = (np.asarray(level_shape, np.float32) - 1) / np.maximum(np.asarray(shape, np.float32) - 1, 1)
+            spacing = grid_spacing * 2 ** (levels - 1 - level) * scale
+            control_shape = spatial.bspline_control_shape(level_shape, spacing)
+            bases = [spatial.bspline_basis(n, s_, c) for n, s_, c in zip(level_shape, spacing, control_shape)]
+            initial_points = tf.zeros([1, *control_shape, 3]) if params is None else spatial.fit_bspline(
+                spatial.resize_ddf(to_ddf(params), level_shape), bases)
+            bases = [tf.constant(b) for b in bases]
+            params = tf.Variable(initial_points)
         else:
             bases = None
             params = tf.Variable(tf.zeros([1, *level_shape, 3]) if params is None else spatial.resize_ddf(params, level_shape))
-        previous_scale = scale
         to_ddf = _ddf_maker(transform, bases)
         optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
         step_fn = _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, labels is not None)

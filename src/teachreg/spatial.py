@@ -240,9 +240,10 @@ def bspline_basis(size: int, spacing: float, count: int) -> np.ndarray:
     return np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0)).astype(np.float32)
 
 
-def bspline_control_shape(shape: Shape3, spacing: float) -> tuple[int, int, int]:
-    """The control grid `(d, h, w)` that covers a volume of `shape` with points `spacing` voxels apart."""
-    return tuple(int(np.ceil((n - 1) / spacing)) + 3 for n in _shape3(shape))
+def bspline_control_shape(shape: Shape3, spacing) -> tuple[int, int, int]:
+    """The control grid `(d, h, w)` covering a volume of `shape` with points `spacing` voxels apart (one or per axis)."""
+    spacing = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
+    return tuple(int(np.ceil((n - 1) / max(s, 1e-6))) + 3 for n, s in zip(_shape3(shape), spacing))
 
 
 def bspline_to_ddf(control_points, bases) -> tf.Tensor:
@@ -254,6 +255,12 @@ def bspline_to_ddf(control_points, bases) -> tf.Tensor:
     x = tf.einsum("Dd,bdhwc->bDhwc", bases[0], control_points)
     x = tf.einsum("Hh,bDhwc->bDHwc", bases[1], x)
     return tf.einsum("Ww,bDHwc->bDHWc", bases[2], x)
+
+
+def fit_bspline(ddf, bases) -> tf.Tensor:
+    """Control displacements `[batch, d, h, w, 3]` whose B-spline (see `bspline_to_ddf`) best fits `ddf` (least squares)."""
+    inverses = [tf.constant(np.linalg.pinv(np.asarray(b)), tf.float32) for b in bases]
+    return bspline_to_ddf(_validate.ddf("ddf", ddf), inverses)
 
 
 def smooth(image, sigma: float) -> tf.Tensor:
