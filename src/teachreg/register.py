@@ -26,7 +26,7 @@ class Result:
 
     ddf: `[1, D, H, W, 3]` in voxels on the fixed grid; `warped(x) = moving(x + ddf(x))`.
     history: the loss after every step, all levels in order; `levels` gives each step's level.
-    seconds: wall time of the optimisation (without loading data).
+    seconds: wall time of the optimisation (without loading data, and without the callback's time).
     affine: `[1, 4, 3]` for affine registration (fixed voxels -> moving voxels), else None.
     """
 
@@ -36,8 +36,12 @@ class Result:
     seconds: float = 0.0
     affine: tf.Tensor | None = None
 
-    def warp(self, volume, interpolation: str = "linear") -> np.ndarray:
-        """Warp a moving image or label `[D, H, W]`, `[D, H, W, C]` or `[1, D, H, W(, C)]`; same rank back."""
+    def warp(self, volume, interpolation: str = "linear", padding: str = "border") -> np.ndarray:
+        """Warp a moving image or label `[D, H, W]`, `[D, H, W, C]` or `[1, D, H, W(, C)]`; same rank back.
+
+        `interpolation` and `padding` as in `spatial.resample` ("zeros" keeps labels that touch the
+        moving image's border from spreading).
+        """
         volume = np.asarray(volume)
         grid_shape = tuple(self.ddf.shape[1:4])
         if volume.shape[:3] == grid_shape and volume.ndim in (3, 4):
@@ -47,13 +51,18 @@ class Result:
         else:
             raise ValueError(f"volume must have shape {list(grid_shape)} (+ channels, optional batch 1), got {volume.shape}.")
         x = volume if batched else volume[None]
-        out = spatial.warp(x.astype(np.float32), self.ddf, interpolation=interpolation).numpy()
+        out = spatial.warp(x.astype(np.float32), self.ddf, interpolation=interpolation, padding=padding).numpy()
         return out if batched else out[0]
 
 
 def intensity_window(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:
-    """The `low` and `high` percentiles of `image`: the range that `_pair` maps to [0, 1]."""
+    """The `low` and `high` percentiles of `image`: the range that `_pair` maps to [0, 1].
+
+    Falls back to the minimum and maximum when the percentiles coincide (a sparse label, say).
+    """
     lo, hi = np.percentile(image, [low, high])
+    if hi <= lo:
+        lo, hi = np.min(image), np.max(image)
     return float(lo), float(max(hi, lo + 1e-6))
 
 
@@ -107,21 +116,31 @@ def affine(
         return value, tape.gradient(value, [matrix, translation])
 
     result = Result(ddf=tf.zeros([1, *shape, 3]))
-    start = time.perf_counter()
+    # One Adam and one decaying rate across all levels: a finer level goes on from where the
+    # coarser one stopped, with its moment estimates, instead of jumping at the full rate.
+    optimizer = keras.optimizers.Adam(_decaying(learning_rate, sum(steps)))
+    start, paused = time.perf_counter(), 0.0
     for level, (moving_l, fixed_l) in enumerate(_pyramid(moving_t, fixed_t, levels, smoothing)):
         half = tf.constant(_half_size(fixed_l))
-        optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
         for step in range(steps[level]):
             value, grads = loss_and_grads(moving_l, fixed_l, half)
             optimizer.apply(grads, [matrix, translation])
             result.history.append(float(value))
             result.levels.append(level)
-            if callback is not None:
-                callback(level, step, float(value))
-    result.seconds = time.perf_counter() - start
+            paused += _notify(callback, level, step, float(value))
+    result.seconds = time.perf_counter() - start - paused
     result.affine = to_affine(_half_size(fixed_t))
     result.ddf = spatial.affine_to_ddf(result.affine, shape)
     return result
+
+
+def _notify(callback: Callback | None, level: int, step: int, value: float) -> float:
+    """Call `callback` (if any) and return the seconds it took, which `Result.seconds` leaves out."""
+    if callback is None:
+        return 0.0
+    before = time.perf_counter()
+    callback(level, step, value)
+    return time.perf_counter() - before
 
 
 def _half_size(image: tf.Tensor) -> np.ndarray:
@@ -240,7 +259,7 @@ def nonrigid(
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else [(None, None)] * levels
     params = None
     result = Result(ddf=tf.zeros([1, *shape, 3]))
-    start = time.perf_counter()
+    start, paused = time.perf_counter(), 0.0
     for level, ((moving_l, fixed_l), (mlabel_l, flabel_l)) in enumerate(zip(pyramid, label_pyramid)):
         level_shape = tuple(fixed_l.shape[1:4])
         if transform == "bspline":
@@ -268,12 +287,11 @@ def nonrigid(
             result.history.append(value)
             result.levels.append(level)
             recent.append(value)
-            if callback is not None:
-                callback(level, step, value)
+            paused += _notify(callback, level, step, value)
             if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
                 break
         final_ddf = to_ddf(params)
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start - paused
     ddf = final_ddf if tuple(final_ddf.shape[1:4]) == shape else spatial.resize_ddf(final_ddf, shape)
     result.ddf = ddf if initial is None else spatial.compose_ddf(initial.ddf, ddf)
     return result
