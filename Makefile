@@ -26,3 +26,18 @@ bench: $(STAMP)  ## speed figures as JSON
 
 clean:
 	rm -rf $(VENV) book/_build .pytest_cache
+
+# --- the book -----------------------------------------------------------------------------------
+CHAPTERS := $(sort $(wildcard book/ch*.ipynb))
+.PHONY: execute book
+
+execute: $(STAMP)  ## re-execute every chapter in place (fresh kernel each), so the book shows current outputs
+	@for nb in $(CHAPTERS); do \
+	  echo "executing $$nb"; start=$$(date +%s); \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=900 "$$nb" || exit 1; \
+	  echo "  $$(( $$(date +%s) - start )) s"; \
+	done
+
+book: $(STAMP)  ## build the HTML book from the stored outputs (no execution, no network); warnings fail it
+	$(VENV)/bin/jupyter-book build book/ -W --keep-going
