@@ -155,3 +155,48 @@ class LiveLoss:
         self.fig.tight_layout()
         if self.handle is not None:
             self.handle.update(self.fig)
+
+
+PLANES = ("axial", "coronal", "sagittal")
+"""The names of the cuts along axes 0, 1 and 2 of a (z, y, x) volume."""
+
+
+def show_slice_grid(
+    volumes: Sequence[np.ndarray],
+    titles: Sequence[str],
+    indices: Sequence[int],
+    axis: int = 0,
+    spacing: Sequence[float] | None = None,
+    labels: Sequence[np.ndarray | None] | None = None,
+    cmap: str = "gray",
+    suptitle: str | None = None,
+):
+    """Show several cuts of each volume `[D, H, W]`: one row per index in `indices`, one column per volume.
+
+    `axis` 0 cuts axial slices `volume[k]` (anterior at the top); 1 and 2 cut coronal `volume[:, k]`
+    and sagittal `volume[:, :, k]` reformats, drawn with z (inferior to superior) upwards.
+    `spacing` (mm, z y x) sets the pixel aspect ratio. `labels`: per volume, masks `[D, H, W]` or
+    `[D, H, W, L]` drawn as contours, or None. Each volume keeps one grey range in all its cuts.
+    Returns the figure.
+    """
+    spacing = (1.0, 1.0, 1.0) if spacing is None else spacing
+    kept = [i for i in range(3) if i != axis]  # the cut's (rows, columns) axes
+    aspect = spacing[kept[0]] / spacing[kept[1]]
+    height_ratio = volumes[0].shape[kept[0]] * aspect / volumes[0].shape[kept[1]]
+    fig, axes = plt.subplots(
+        len(indices), len(volumes), figsize=(2.6 * len(volumes), 2.6 * height_ratio * len(indices) + 0.6), squeeze=False
+    )
+    for r, index in enumerate(indices):
+        for c, volume in enumerate(volumes):
+            ax = axes[r, c]
+            origin = "upper" if axis == 0 else "lower"
+            ax.imshow(np.take(volume, index, axis=axis), cmap=cmap, aspect=aspect, origin=origin,
+                      vmin=np.min(volume), vmax=np.max(volume))
+            if labels is not None and labels[c] is not None:
+                _contours(ax, np.take(labels[c], index, axis=axis))
+            ax.set_title(f"{titles[c]}, {PLANES[axis]} {index}", fontsize=9)
+            ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
