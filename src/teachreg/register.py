@@ -256,7 +256,9 @@ def nonrigid(
             labels = (spatial.warp(labels[0], initial.ddf), labels[1])
 
     pyramid = list(_pyramid(moving_t, fixed_t, levels, 0.0))
-    label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else [(None, None)] * levels
+    # Without labels the images stand in for them; the label term is then left out of the objective.
+    label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else pyramid
+    weights = tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)
     params = None
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start, paused = time.perf_counter(), 0.0
@@ -281,9 +283,7 @@ def nonrigid(
         step_fn = _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, labels is not None)
         recent: list[float] = []
         for step in range(steps[level]):
-            value = float(step_fn(moving_l, fixed_l, mlabel_l if labels is not None else moving_l,
-                                  flabel_l if labels is not None else fixed_l,
-                                  tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)))
+            value = float(step_fn(moving_l, fixed_l, mlabel_l, flabel_l, *weights))
             result.history.append(value)
             result.levels.append(level)
             recent.append(value)
