@@ -22,17 +22,6 @@ from scipy.ndimage import map_coordinates
 from teachreg import losses, spatial
 
 
-def timed(fn, repeats: int) -> list[float]:
-    """Run `fn` once to warm up (tracing, compilation), then `repeats` times; seconds per run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each contender, their runs interleaved round by round."""
     for fn in contenders.values():

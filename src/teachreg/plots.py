@@ -50,18 +50,7 @@ def show_slices(
     `spacing` (mm, z y x) sets the pixel aspect ratio. Returns the figure.
     """
     index = volumes[0].shape[0] // 2 if index is None else index
-    fig, axes = plt.subplots(1, len(volumes), figsize=(3.2 * len(volumes), 3.4), squeeze=False)
-    aspect = spacing[1] / spacing[2] if spacing is not None else 1.0
-    for i, (ax, volume, title) in enumerate(zip(axes[0], volumes, titles)):
-        ax.imshow(volume[index], cmap=cmap, aspect=aspect, vmin=np.min(volume), vmax=np.max(volume))
-        if labels is not None and labels[i] is not None:
-            _contours(ax, labels[i][index])
-        ax.set_title(title)
-        ax.axis("off")
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
-    return fig
+    return show_slice_grid(volumes, titles, [index], spacing=spacing, labels=labels, cmap=cmap, suptitle=suptitle)
 
 
 def _contours(ax, label_slice: np.ndarray) -> None:
