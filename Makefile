@@ -1,4 +1,4 @@
-# teachreg: the two set-up commands are `make course` (the main job) and `make test`.
+# teachreg: the main command is `make book` (environment, data, HTML book); `make test` runs the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,5 +39,15 @@ execute: $(STAMP)  ## re-execute every chapter in place (fresh kernel each), so 
 	  echo "  $$(( $$(date +%s) - start )) s"; \
 	done
 
-book: $(STAMP)  ## build the HTML book from the stored outputs (no execution, no network); warnings fail it
+.PHONY: data lab
+
+data: $(STAMP)  ## fetch the datasets the chapters load into the cache, checked by SHA-256 (mirror first when TEACHREG_DATA_MIRROR is set)
+	@names="$$($(PY) book/tools/chapter_data.py)" || exit 1; \
+	if [ -n "$$names" ]; then $(VENV)/bin/teachreg data fetch $$names; fi
+
+book: $(STAMP) data  ## create .venv, fetch the data, build the HTML book from the stored outputs (no execution, offline); warnings fail it
 	$(VENV)/bin/jupyter-book build book/ -W --keep-going
+	@echo "The book: $(CURDIR)/book/_build/html/index.html (\`make lab\` runs the chapters)"
+
+lab: $(STAMP)  ## open the chapters in JupyterLab from .venv (widgets included; the chapters fetch their data on first use)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=book $$([ "$$(id -u)" = 0 ] && echo --allow-root)

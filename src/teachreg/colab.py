@@ -1,0 +1,79 @@
+"""The set-up step of every chapter's first cell: Colab's widgets, and where TensorFlow runs.
+
+The first code cell of a chapter installs `teachreg` when it runs on Colab, then calls
+`setup()`, which works the same in Colab, JupyterLab or a plain Python process::
+
+    from teachreg import colab
+    colab.setup()
+
+On Colab it turns on Colab's widget manager for ipywidgets 8 (the sliders of the interactive
+figures); everywhere it prints one line: the versions, and the GPU TensorFlow will use, or that
+it runs on the CPU (every chapter is sized to run on a laptop CPU in a few minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+
+def on_colab() -> bool:
+    """Whether this runs in a Google Colab kernel."""
+    return "google.colab" in sys.modules
+
+
+def device_description() -> str:
+    """The GPU(s) TensorFlow uses, by name, or the CPU and its core count."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        return f"GPU: {', '.join(names)}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {platform.machine()}, {cores} cores"
+
+
+def summary() -> str:
+    """One line: teachreg, TensorFlow and Python versions, where this runs, and the GPU or CPU."""
+    import tensorflow as tf
+
+    try:
+        version = metadata.version("teachreg")
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
+    python = platform.python_version()
+    device = device_description()
+    if device.startswith("CPU"):
+        device = f"no GPU, {device} (enough for every chapter)"
+    where = "Colab" if on_colab() else "local"
+    return f"teachreg {version}, TensorFlow {tf.__version__}, Python {python} ({where}); {device}"
+
+
+def enable_colab_widgets() -> bool:
+    """On Colab, turn on the widget manager that renders ipywidgets 8; elsewhere do nothing.
+
+    Returns whether it was turned on.
+    """
+    if not on_colab():
+        return False
+    try:
+        from google.colab import output
+    except ImportError:
+        return False
+    enable = getattr(output, "enable_custom_widget_manager", None)
+    if enable is None:
+        return False
+    enable()
+    return True
+
+
+def setup(verbose: bool = True) -> str:
+    """Prepare the kernel for a chapter and return (and by default print) `summary()`."""
+    enable_colab_widgets()
+    line = summary()
+    if verbose:
+        print(line)
+    return line
