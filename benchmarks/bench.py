@@ -91,10 +91,48 @@ def loss_figures(device: str, repeats: int) -> dict:
     return {"shape": list(shape[1:]), **{f"lncc_bending_with_gradient_{k}_s": round(v, 4) for k, v in seconds.items()}}
 
 
+PROSTATE_SETTINGS = dict(transform="bspline", grid_spacing=16, regulariser="l2", regulariser_weight=0.1,
+                         levels=3, steps=(100, 100, 50), learning_rate=0.5)
+"""Chapter 4's default parameters (book/ch04_nonrigid.ipynb), for the prostate pair."""
+
+
+def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
+    """Chapter 4's registration against elastix's default maps on the prostate pair, interleaved."""
+    from teachreg import data, elastix, metrics, register
+
+    pair = data.load("prostate_mr")
+    moving, fixed = pair.moving.image, pair.fixed.image
+    gland, fixed_gland = pair.moving.labels[..., 0].astype(np.float32), pair.fixed.labels[..., 0]
+    contenders = {"teachreg_bspline": lambda: register.nonrigid(moving, fixed, **PROSTATE_SETTINGS)}
+    if elastix.available():
+        contenders["elastix_bspline"] = lambda: elastix.register(moving, fixed, maps=("bspline",))
+        contenders["elastix_affine_then_bspline"] = lambda: elastix.register(moving, fixed, maps=("affine", "bspline"))
+    runs = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, register_pair in contenders.items():
+            result = register_pair()
+            runs[name].append(dict(dice=metrics.dice(result.warp(gland) >= 0.5, fixed_gland),
+                                   folding=metrics.folding_fraction(result.ddf), seconds=result.seconds))
+    out = {"dice_before": round(metrics.dice(gland, fixed_gland), 4)}
+    for name, rows in runs.items():
+        out[name] = {key: round(statistics.median(r[key] for r in rows), 4) for key in rows[0]}
+    if store_elastix and elastix.available():
+        import itk
+
+        stored = {"measured": {"date": time.strftime("%Y-%m-%d"), "itk": itk.__version__, "cpus": os.cpu_count(),
+                               "command": f"benchmarks/bench.py --nonrigid {repeats} --store-elastix (medians)"},
+                  "bspline": out["elastix_bspline"], "affine then bspline": out["elastix_affine_then_bspline"]}
+        elastix.STORED.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--nonrigid", type=int, default=2, metavar="N",
+                        help="runs of each prostate registration, ours and elastix's (0 skips them)")
+    parser.add_argument("--store-elastix", action="store_true", help="save elastix's figures for the book")
     args = parser.parse_args()
     devices = ["/CPU:0"] + [f"/GPU:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
     report = {
@@ -106,6 +144,8 @@ def main() -> None:
             "warp": warp_figures(device, args.size, args.repeats),
             "lncc_bending": loss_figures(device, args.repeats),
         }
+    if args.nonrigid:
+        report["prostate_nonrigid"] = nonrigid_figures(args.nonrigid, args.store_elastix)
     print(json.dumps(report, indent=2))
 
 

@@ -26,6 +26,7 @@ CHAPTERS = {
     "ch01": BOOK / "ch01_images_transforms.ipynb",
     "ch02": BOOK / "ch02_losses.ipynb",
     "ch03": BOOK / "ch03_affine.ipynb",
+    "ch04": BOOK / "ch04_nonrigid.ipynb",
 }
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
