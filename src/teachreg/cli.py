@@ -1,4 +1,4 @@
-"""The ``teachreg`` command line: ``teachreg data list|fetch|verify|page``.
+"""The ``teachreg`` command line: ``teachreg data list|fetch|verify|page|build-lung`` and ``teachreg train``.
 
 Each command group adds its subcommands in its own ``_add_*`` function; a subcommand sets
 ``func`` (called with the parsed arguments, returns the exit status).
@@ -48,8 +48,9 @@ def _data_page(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser("data", help="list, download and check the course's datasets")
+def _add_data(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """``teachreg data ...``; returns the group's subcommands, so that others can join them."""
+    group = commands.add_parser("data", help="list, download, check and build the course's datasets")
     sub = group.add_subparsers(dest="data_command", required=True)
     sub.add_parser("list", help="datasets, sizes, licences, whether cached").set_defaults(
         func=_data_list
@@ -63,13 +64,78 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     sub.add_parser("page", help="print the book's data page (Markdown)").set_defaults(
         func=_data_page
     )
+    return sub
+
+
+def _train(args: argparse.Namespace) -> int:
+    from teachreg import train  # TensorFlow loads only for this command
+
+    try:
+        config = train.load_config(args.config)
+        model, history = train.train(config, output=args.output, epochs=args.epochs,
+                                     resume=not args.restart, progress=not args.quiet)
+    except (OSError, ValueError) as err:  # a missing file or dataset, a wrong config key or value
+        print(f"teachreg: error: {err}", file=sys.stderr)
+        return 1
+    print(f"trained {len(history)} epochs on {train.device_description()}; final loss "
+          f"{history[-1]['total']:.4f}" if history else "nothing to train")
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a registration network from a YAML config")
+    parser.add_argument("config", metavar="CONFIG.yaml", help="training config (see teachreg.train.DEFAULTS)")
+    parser.add_argument("--output", metavar="DIR", help="output folder (default: the config's)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="total epochs (default: the config's)")
+    parser.add_argument("--restart", action="store_true", help="ignore checkpoints in the output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.set_defaults(func=_train)
+
+
+def _data_build_lung(args: argparse.Namespace) -> int:
+    import json
+
+    from teachreg.data import lung  # TensorFlow loads only for this command
+
+    try:
+        root = lung.build(out=args.out, splits=args.splits, grid=args.grid, spacing=args.spacing,
+                          seed=args.seed, ct=args.ct, masks=args.masks, ct_state=args.ct_state, force=args.force)
+    except ValueError as err:
+        print(f"teachreg: error: {err}", file=sys.stderr)
+        return 1
+    for split, info in json.loads((root / "build.json").read_text())["splits"].items():
+        dice = [m["dice"] for m in info["motions"].values()]
+        print(f"{split}: {len(info['pairs'])} pairs in {root / split}; "
+              f"mask Dice of the {len(dice)} motions {min(dice):.3f}-{max(dice):.3f}")
+    return 0
+
+
+def _add_build_lung(data_commands: argparse._SubParsersAction) -> None:
+    """``teachreg data build-lung``, one of the ``data`` group's subcommands."""
+    parser = data_commands.add_parser(
+        "build-lung", help="build the paired lung CT dataset (real CTs, real breathing motion, true DDFs)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: lung_ct in the data cache)")
+    parser.add_argument("--splits", nargs="+", choices=("train", "test"), default=["train", "test"])
+    parser.add_argument("--grid", nargs=3, type=int, default=[104, 96, 96], metavar=("D", "H", "W"),
+                        help="voxels along z, y, x (default: half the Learn2Reg grid)")
+    parser.add_argument("--spacing", nargs=3, type=float, default=[3.5, 2.5, 3.5], metavar=("Z", "Y", "X"),
+                        help="voxel size in mm")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the grid shifts")
+    parser.add_argument("--ct", metavar="PATH", help="your own chest CT: a NIfTI or NRRD file, or a DICOM folder")
+    parser.add_argument("--masks", nargs=2, metavar=("EXP", "INSP"),
+                        help="with --ct: one patient's expiration and inspiration lung masks (NIfTI, one grid)")
+    parser.add_argument("--ct-state", choices=("inspiration", "expiration"), default="inspiration",
+                        help="with --ct: the CT's breathing state")
+    parser.add_argument("--force", action="store_true", help="rebuild even if built with these parameters")
+    parser.set_defaults(func=_data_build_lung)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all command groups."""
     parser = argparse.ArgumentParser(prog="teachreg", description="teachreg course tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_data(commands)
+    _add_build_lung(_add_data(commands))
+    _add_train(commands)
     return parser
 
 

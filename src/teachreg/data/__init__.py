@@ -23,6 +23,7 @@ from .fetch import (
     verify,
 )
 from .loaders import Pair, Volume, load
+from .lung import LungPair, load_paired
 
 __all__ = [
     "CacheError",
@@ -31,6 +32,7 @@ __all__ = [
     "Dataset",
     "DownloadError",
     "FileEntry",
+    "LungPair",
     "Pair",
     "UnknownDatasetError",
     "Volume",
@@ -40,6 +42,7 @@ __all__ = [
     "fetch_file",
     "is_cached",
     "load",
+    "load_paired",
     "manifest",
     "manifest_markdown",
     "verify",

@@ -1,0 +1,557 @@
+"""A paired chest-CT dataset with real breathing motion and a known ground truth.
+
+No public pair of one patient's chest CT at two breathing states could be mirrored, so every
+pair is built from real parts (``build``, or ``teachreg data build-lung``):
+
+1. A real chest CT (one breathing state of one patient) in HU, and its lungs: the real mask where
+   there is one (Learn2Reg case_001, CIP ct-64), else segmented (``segment_lungs``).
+2. A real breathing motion: the displacement between one Learn2Reg patient's expiration and
+   inspiration lung masks, found by registering the masks with ``teachreg.register.nonrigid``
+   (Dice and SSD of the masks, bending energy, cubic B-spline, on the grid halved) in both
+   directions (``estimate_motion``). The scans are not aligned beforehand, so the displacement
+   also holds any change in the patient's position between them.
+3. The motion is carried to the CT by the affine map that matches the lungs' bounding boxes, and
+   the CT is warped with it into the other breathing state; inside the lungs its density is
+   scaled by the local volume change (mass preservation: tissue is denser at expiration), and
+   its lung mask is warped with nearest-neighbour interpolation (``make_pair``).
+
+Conventions, as Learn2Reg and DeepReg's ``paired_ct_lung`` demo: moving = expiration, fixed =
+inspiration. The DDF ``u`` is float32 ``[D, H, W, 3]`` in voxels on the fixed grid, components
+in (z, y, x) order, and ``fixed(x) = moving(x + u(x))`` (``teachreg.spatial``'s convention).
+A CT at expiration is the moving image and the fixed one is it warped with ``u``: ``u`` is
+exact. A CT at inspiration is the fixed image, the moving one is it warped with the
+inspiration-to-expiration motion ``w``, and ``u`` is ``w``'s inverse, solved to 0.01 voxel.
+Both images of a pair are sampled once from the original CT (Gaussian anti-aliasing, trilinear),
+so ``warp(moving, u)`` matches ``fixed`` to interpolation error, outside the lungs, and inside
+them once the density scaling is undone.
+
+Breathing states: Learn2Reg case_001's CT is at expiration; TCIA 4D-Lung 0103 phase 5 is ASSUMED
+to be end-expiration (the 50 % phase of its 4D-CT); the CIP, CPTAC and ITKElastix CTs are
+diagnostic scans ASSUMED to be at full-inspiration breath-hold.
+
+Several Learn2Reg expiration scans do not cover the whole lungs (case 1 loses about 4 cm at the
+base and 2 cm at the apex). Where a mask's first or last slice is wider than ``CUT_FRACTION`` of
+its widest slice, the scan's field of view cut it there; both masks are then cut at that plane
+before registering, so that the missing lung does not distort the motion.
+
+Split by patient and by motion: the test CTs (Learn2Reg case_001, ITKElastix) and test motions
+(Learn2Reg cases 1, 11, 12) never appear in training; case_001's CT with its own motion is a
+test pair, and ``build.json`` gives the Dice of its warped expiration mask with its real
+inspiration mask. Each split's content depends only on the parameters and ``seed``, not on which
+splits are built, so ``build(splits=("test",))`` alone is fast.
+
+Every CT goes on one grid of ``grid`` voxels (z, y, x) of ``spacing`` mm, by default
+104 x 96 x 96 voxels of 3.5 x 2.5 x 3.5 mm: half the Learn2Reg grid (208 x 192 x 192 of
+1.75 x 1.25 x 1.75 mm), same field of view. It is centred on the lungs, shifted by a seeded
+random offset of up to ``JITTER_MM`` per axis per pair (the only random choice), and the
+field of view must hold the lungs.
+
+Layout under ``root`` (DeepReg's paired layout, read by ``load_paired``)::
+
+    {train,test}/{moving,fixed}_images/case_XXX.nii.gz   int16, HU
+    {train,test}/{moving,fixed}_labels/case_XXX.nii.gz   uint8, 1 = lung
+    {train,test}/ddfs/case_XXX.nii.gz                    float32 [.., 3], the DDF u
+    build.json   parameters, seed, per-motion and per-pair statistics (mask Dice, mm, sources)
+
+Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, with an affine of the spacing
+(LPS axes), and gzipped with no time stamp, so the same parameters give byte-identical files.
+The real Learn2Reg pairs (CT images and masks, no DDF) come in the same layout from DeepReg's
+``demos/paired_ct_lung/demo_data.py``, which downloads
+https://zenodo.org/record/3835682/files/training.zip (Hering et al., Learn2Reg 2020),
+splits it at random into train/valid/test and rescales the images to [0, 255] (not HU);
+``load_paired`` reads them too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from skimage import measure
+from tqdm.auto import tqdm
+
+from .fetch import DataError, data_dir
+from .loaders import Pair, Volume, _dicom_zyx, _lps_zyx, _nifti, _nrrd_zyx, load
+
+GRID = (104, 96, 96)
+SPACING = (3.5, 2.5, 3.5)
+JITTER_MM = 7.0
+CUT_FRACTION = 0.01
+HU_AIR = -1000.0
+VERSION = 2  # bump when the output changes, so that cached builds are redone
+# Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
+# weights are tried in turn until the displacement does not fold.
+REGISTRATION = dict(loss="ssd", regulariser="bending", label_weight=1.0, transform="bspline", grid_spacing=2.0,
+                    levels=2, steps=(100, 200), learning_rate=0.2)
+REGULARISER_WEIGHTS = (1.0, 2.0, 4.0)
+
+# Real CTs: (name, loader, breathing state, split).
+CTS = (
+    ("l2r_case001", lambda: load("chest_ct_l2r_case001"), "expiration", "test"),
+    ("itkelastix", lambda: load("chest_ct_itkelastix"), "inspiration", "test"),
+    ("dynagan_0103", lambda: load("chest_ct_dynagan_0103"), "expiration", "train"),
+    ("cptac", lambda: load("chest_ct_cptac"), "inspiration", "train"),
+    ("cip_ct64", lambda: load("chest_ct_cip")[0], "inspiration", "train"),
+    ("cip_testinput", lambda: load("chest_ct_cip")[1], "inspiration", "train"),
+)
+# Learn2Reg mask pairs giving the motions: (mask split, case) per dataset split.
+MOTIONS = {
+    "test": (("train", 1), ("test", 11), ("test", 12)),
+    "train": tuple(("train", c) for c in (2, 3, 4, 5, 6, 7, 9, 10, 13, 14, 15, 16, 17, 18, 19)),
+}
+
+
+@dataclass
+class Source:
+    """A real CT ready to be sampled: image float32 HU [z, y, x] (anti-aliased for the grid),
+    lung float32 0/1 on its own voxel grid, spacings and the lungs' bounding box in mm
+    (voxel i of either array lies at i * spacing mm)."""
+
+    name: str
+    state: str
+    image: np.ndarray
+    spacing: np.ndarray
+    lung: np.ndarray
+    lung_spacing: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+@dataclass
+class Motion:
+    """A breathing motion from state ``source`` on a grid in its masks' frame: ``ddf`` float32
+    [D, H, W, 3] (voxels) maps the other state's mask to the source state's; ``origin`` is voxel 0
+    in mm, ``lo``/``hi`` the source mask's bounding box in mm, ``target_lung`` the other mask on the grid."""
+
+    name: str
+    source: str
+    ddf: np.ndarray
+    origin: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    target_lung: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class LungPair(Pair):
+    """A pair as ``Pair`` (moving = expiration, fixed = inspiration), plus ``ddf`` float32
+    [D, H, W, 3] in voxels on the fixed grid, (z, y, x) components, or None, and its ``case`` name."""
+
+    ddf: np.ndarray | None = None
+    case: str = ""
+
+
+def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.nonzero(mask > 0.5)
+    return np.array([i.min() for i in idx]) * spacing, np.array([i.max() for i in idx]) * spacing
+
+
+def _sample(volume: np.ndarray, spacing, points_mm: np.ndarray, order: int = 1, cval: float = 0.0,
+            mode: str = "constant") -> np.ndarray:
+    """``volume`` (voxel i at i * spacing mm) at ``points_mm`` [..., 3]: float32 [...]."""
+    coords = np.moveaxis(points_mm / np.asarray(spacing), -1, 0)
+    return ndimage.map_coordinates(volume, coords, order=order, mode=mode, cval=cval, output=np.float32)
+
+
+def _grid_mm(origin: np.ndarray, grid, spacing) -> np.ndarray:
+    """The points [D, H, W, 3] (mm) of a grid of ``grid`` voxels of ``spacing`` starting at ``origin``."""
+    axes = [origin[i] + np.arange(grid[i]) * spacing[i] for i in range(3)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def _check_fits(lo: np.ndarray, hi: np.ndarray, name: str, grid, spacing) -> None:
+    """Raise DataError naming ``name`` if a bounding box (mm) is longer than the grid's field of view."""
+    extent = np.asarray(grid) * np.asarray(spacing)
+    if np.any(hi - lo > extent):
+        lungs, grid_mm = (" x ".join(f"{x:.0f}" for x in v) for v in (hi - lo, extent))
+        raise DataError(f"{name}: the lungs ({lungs} mm, z, y, x) do not fit in the grid ({grid_mm} mm); "
+                        "use a larger grid or spacing")
+
+
+def segment_lungs(image: np.ndarray, spacing, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lungs of a CT ``image`` [z, y, x] (HU): float32 0/1 mask on the CT strided to about 2 mm, and its spacing.
+
+    Air (below -400 HU) inside the body (above -500 HU, largest component, holes filled slice by
+    slice), its largest one or two components, closed and hole-filled. Raises DataError naming
+    ``name`` if the result is not a plausible pair of lungs (0.5 to 12 litres).
+    """
+    step = np.maximum(1, np.round(2.0 / np.asarray(spacing))).astype(int)
+    small = ndimage.gaussian_filter(image, np.where(step > 1, step / 2, 0))[:: step[0], :: step[1], :: step[2]]
+    mask_spacing = step * np.asarray(spacing)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    body = _largest(small > -500, 1)
+    body = ndimage.binary_fill_holes(body, structure=in_plane)
+    lung = _largest((small < -400) & body, 2)
+    lung = ndimage.binary_fill_holes(ndimage.binary_closing(lung, iterations=2))
+    litres = lung.sum() * np.prod(mask_spacing) / 1e6
+    if not 0.5 <= litres <= 12:
+        raise DataError(f"{name}: no lungs found (air inside the body: {litres:.2f} L, expected 0.5-12 L)")
+    return lung.astype(np.float32), mask_spacing
+
+
+def _largest(mask: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` largest connected components of ``mask`` (those at least 10 % of the largest)."""
+    labels = measure.label(mask, connectivity=1)
+    sizes = np.bincount(labels.ravel())[1:]
+    if sizes.size == 0:
+        return np.zeros_like(mask)
+    order = np.argsort(sizes)[::-1][:count]
+    keep = [i + 1 for i in order if sizes[i] >= 0.1 * sizes[order[0]]]
+    return np.isin(labels, keep)
+
+
+def prepare_ct(volume: Volume, state: str, name: str, spacing=SPACING) -> Source:
+    """A CT Volume (HU) at breathing ``state`` made ready to be sampled on grids of ``spacing`` mm.
+
+    Its first label is taken as the lungs if it has labels, else they are segmented.
+    """
+    s = np.asarray(volume.spacing, np.float64)
+    image = np.asarray(volume.image, np.float32)
+    if volume.labels is not None:
+        lung, lung_spacing = volume.labels[..., 0].astype(np.float32), s
+        if lung.sum() == 0:
+            raise DataError(f"{name}: its lung mask is empty")
+    else:
+        lung, lung_spacing = segment_lungs(image, s, name)
+    factor = np.asarray(spacing) / s
+    image = ndimage.gaussian_filter(image, np.where(factor > 1, factor / 2, 0), mode="nearest")
+    lo, hi = _bbox_mm(lung, lung_spacing)
+    return Source(name, state, image, s, lung, lung_spacing, lo, hi)
+
+
+def _field_of_view_cut(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """The slices [z0, z1] that both masks [z, y, x] cover: where a mask's end slice is wider than
+    ``CUT_FRACTION`` of its widest, the scan's field of view cut the lungs there."""
+    z0, z1 = 0, a.shape[0] - 1
+    for mask in (a, b):
+        area = mask.sum(axis=(1, 2))
+        z = np.nonzero(area)[0]
+        if area[z[0]] > CUT_FRACTION * area.max():
+            z0 = max(z0, z[0])
+        if area[z[-1]] > CUT_FRACTION * area.max():
+            z1 = min(z1, z[-1])
+    return int(z0), int(z1)
+
+
+def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source: str,
+                    grid=GRID, spacing=SPACING) -> Motion:
+    """Register a patient's lung mask at breathing state ``source`` onto the one at the other state.
+
+    Masks: Volumes on one voxel grid (labels [..., 0] used). Both are cut to their common field of
+    view, sampled on a grid of ``grid`` voxels of ``spacing`` mm centred on their lungs, halved,
+    and registered with ``register.nonrigid`` (``REGISTRATION``, with the first weight of
+    ``REGULARISER_WEIGHTS`` whose displacement does not fold); the DDF is resized to the grid.
+    ``stats``: mask Dice before and after, displacement in mm inside the target lungs (mean, 95th
+    percentile, max), the slices kept, the weight. Raises DataError, naming the motion, if a mask
+    is empty, the masks' grids differ, the lungs do not fit in the grid, or the motion folds.
+    """
+    from teachreg import metrics, register, spatial
+
+    s = np.asarray(source_mask.spacing, np.float64)
+    a, b = source_mask.labels[..., 0] > 0, target_mask.labels[..., 0] > 0
+    if a.shape != b.shape or not np.allclose(s, target_mask.spacing):
+        raise DataError(f"motion {name}: the two masks must share one voxel grid, got {a.shape} at "
+                        f"{tuple(s)} mm and {b.shape} at {target_mask.spacing} mm")
+    if not (a.any() and b.any()):
+        raise DataError(f"motion {name}: a lung mask is empty")
+    z0, z1 = _field_of_view_cut(a, b)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    for mask in (a, b):
+        mask[:z0], mask[z1 + 1:] = 0, 0
+    lo = np.minimum(*(_bbox_mm(m, s)[0] for m in (a, b)))
+    hi = np.maximum(*(_bbox_mm(m, s)[1] for m in (a, b)))
+    _check_fits(lo, hi, f"motion {name}", grid, spacing)
+    origin = (lo + hi) / 2 - (np.asarray(grid) - 1) / 2 * np.asarray(spacing)
+    points = _grid_mm(origin, grid, spacing)
+    moving, fixed = _sample(a, s, points), _sample(b, s, points)
+    coarse = [spatial.downsample(x[None]).numpy()[0] for x in (moving, fixed)]
+    for weight in REGULARISER_WEIGHTS:
+        result = register.nonrigid(coarse[0], coarse[1], moving_label=coarse[0], fixed_label=coarse[1],
+                                   regulariser_weight=weight, **REGISTRATION)
+        ddf = spatial.resize_ddf(result.ddf, grid).numpy()[0]
+        folding = metrics.folding_fraction(ddf)
+        if folding == 0:
+            break
+    else:
+        raise DataError(f"motion {name}: the registered displacement folds ({folding:.2e} of the voxels) "
+                        f"with every regulariser weight in {REGULARISER_WEIGHTS}")
+    warped = spatial.warp(moving[None], ddf[None]).numpy()[0]
+    magnitude = np.linalg.norm(ddf * np.asarray(spacing), axis=-1)[fixed > 0.5]
+    stats = dict(
+        dice_before=round(metrics.dice(moving > 0.5, fixed > 0.5), 4),
+        dice=round(metrics.dice(warped > 0.5, fixed > 0.5), 4),
+        mm_mean=round(float(magnitude.mean()), 2),
+        mm_p95=round(float(np.percentile(magnitude, 95)), 2),
+        mm_max=round(float(magnitude.max()), 2),
+        field_of_view_slices=[z0, z1],
+        regulariser_weight=weight,
+    )
+    src_lo, src_hi = _bbox_mm(a, s)
+    return Motion(name, source, ddf, origin, src_lo, src_hi, fixed > 0.5, stats)
+
+
+def _jacobian(ddf: np.ndarray) -> np.ndarray:
+    from teachreg import spatial
+
+    return spatial.jacobian_determinant(ddf[None]).numpy()[0]
+
+
+def _invert(ddf: np.ndarray, name: str) -> tuple[np.ndarray, float]:
+    """The inverse ``v`` of a DDF ``w`` [D, H, W, 3] (voxels), ``v(x) = -w(x + v(x))``, by Newton's
+    method; returns it and its largest residual (voxels). Raises DataError above 0.01 voxel."""
+    import tensorflow as tf
+
+    from teachreg import spatial
+
+    w = tf.constant(ddf[None])
+    gradient = tf.reshape(spatial.spatial_gradient(w), [1, *ddf.shape[:3], 9])  # d w_i / d x_j
+    v = -w
+    for _ in range(30):
+        residual = v + spatial.warp(w, v)
+        worst = float(tf.reduce_max(tf.abs(residual)))
+        if worst < 1e-3:
+            break
+        jacobian = tf.reshape(spatial.warp(gradient, v), [1, *ddf.shape[:3], 3, 3]) + tf.eye(3)
+        v = v - tf.linalg.solve(jacobian, residual[..., None])[..., 0]
+    if worst > 0.01:
+        raise DataError(f"{name}: could not invert the motion (residual {worst:.3f} voxel)")
+    return v.numpy()[0], worst
+
+
+def make_pair(source: Source, motion: Motion, name: str, grid=GRID, spacing=SPACING,
+              shift=(0.0, 0.0, 0.0)) -> tuple[dict, dict]:
+    """Carry ``motion`` to the CT ``source`` and build pair ``name`` on a grid centred on its lungs.
+
+    The grid is moved by ``shift`` (in [-1, 1] per axis) times the margin around the lungs, at
+    most ``JITTER_MM``. Returns the arrays, keyed by their folder (moving_images, fixed_images
+    int16 HU [D, H, W]; moving_labels, fixed_labels uint8 [D, H, W]; ddfs float32 [D, H, W, 3]),
+    and statistics. Raises DataError, naming the case, if the lungs do not fit in the grid or
+    the carried motion folds."""
+    from teachreg import metrics
+
+    if motion.source != source.state:
+        raise ValueError(f"{name}: motion {motion.name} starts at {motion.source}, the CT is at {source.state}")
+    grid, spacing = tuple(grid), np.asarray(spacing, np.float64)
+    _check_fits(source.lo, source.hi, f"{name} (CT {source.name})", grid, spacing)
+    extent = (np.asarray(grid) - 1) * spacing
+    jitter = np.asarray(shift) * np.clip((extent - source.hi + source.lo) / 2 - spacing, 0, JITTER_MM)
+    origin = (source.lo + source.hi) / 2 + jitter - extent / 2
+    points = _grid_mm(origin, grid, spacing)
+    scale = (motion.hi - motion.lo) / np.maximum(source.hi - source.lo, 1e-6)
+    in_motion = (motion.lo + (points - source.lo) * scale - motion.origin) / spacing  # motion voxels
+    ddf = np.stack([_sample(motion.ddf[..., i], 1.0, in_motion, mode="nearest") for i in range(3)], -1) / scale
+    ddf = (np.round(ddf * 256) / 256).astype(np.float32)  # exact in float32, compresses well
+    folding = metrics.folding_fraction(ddf)
+    if folding > 0:
+        raise DataError(f"{name}: motion {motion.name} folds on CT {source.name} ({folding:.2e} of the voxels)")
+    real = _sample(source.image, source.spacing, points, cval=HU_AIR)
+    real_lung = _sample(source.lung, source.lung_spacing, points) > 0.5
+    warped_points = points + ddf * spacing
+    warped = _sample(source.image, source.spacing, warped_points, cval=HU_AIR)
+    weight = _sample(source.lung, source.lung_spacing, warped_points)
+    density = (warped - HU_AIR) * (1 + weight * (_jacobian(ddf) - 1)) + HU_AIR  # mass preservation
+    warped = np.minimum(density, np.maximum(warped, 50.0))  # never denser than soft tissue
+    voxels = np.moveaxis(np.indices(grid, np.float32), 0, -1) + ddf
+    warped_lung = _sample(real_lung.astype(np.float32), 1.0, voxels, order=0) > 0.5
+    stats = dict(ct=source.name, ct_state=source.state, motion=motion.name,
+                 jitter_mm=[round(float(j), 2) for j in jitter])
+    if source.state == "expiration":  # the real CT is the moving image, the DDF is exact
+        images, labels, u, residual = (real, warped), (real_lung, warped_lung), ddf, 0.0
+    else:  # the real CT is the fixed image, the DDF is the motion's inverse
+        u, residual = _invert(ddf, name)
+        u = (np.round(u * 256) / 256).astype(np.float32)
+        images, labels = (warped, real), (warped_lung, real_lung)
+    magnitude = np.linalg.norm(u * spacing, axis=-1)[labels[1]]
+    stats.update(real="moving" if source.state == "expiration" else "fixed",
+                 inverse_residual_voxels=round(residual, 4),
+                 mm_mean=round(float(magnitude.mean()), 2), mm_p95=round(float(np.percentile(magnitude, 95)), 2),
+                 mm_max=round(float(magnitude.max()), 2),
+                 moving_lung_litres=round(float(labels[0].sum() * np.prod(spacing) / 1e6), 3),
+                 fixed_lung_litres=round(float(labels[1].sum() * np.prod(spacing) / 1e6), 3))
+    if motion.name.startswith(f"{source.name}_"):  # the CT's own motion: compare with its real mask
+        real_target = _sample(motion.target_lung.astype(np.float32), 1.0, in_motion) > 0.5
+        stats["fixed_label_dice_with_real_mask"] = round(metrics.dice(labels[1], real_target), 4)
+    arrays = dict(moving_images=np.round(images[0]).astype(np.int16), fixed_images=np.round(images[1]).astype(np.int16),
+                  moving_labels=labels[0].astype(np.uint8), fixed_labels=labels[1].astype(np.uint8), ddfs=u)
+    return arrays, stats
+
+
+def _write_nifti(path: Path, array: np.ndarray, spacing) -> None:
+    """Write ``array`` [z, y, x, ...] as a gzipped NIfTI stored (x, y, z, ...), byte-deterministic."""
+    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
+    image = nib.Nifti1Image(np.ascontiguousarray(np.swapaxes(array, 0, 2)), affine)
+    image.header.set_xyzt_units("mm")
+    path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, tuple]:
+    """A NIfTI file's array, stored (x, y, z, ...), as [z, y, x, ...], and its voxel size (z, y, x) mm."""
+    image = nib.load(path)
+    return np.swapaxes(np.asanyarray(image.dataobj), 0, 2), tuple(float(z) for z in image.header.get_zooms()[2::-1])
+
+
+def load_paired(root=None, split: str = "test") -> list[LungPair]:
+    """Read the pairs of ``root/split`` in DeepReg's paired layout (default root: ``data_dir() / "lung_ct"``).
+
+    Returns LungPairs sorted by file name: ``moving``/``fixed`` Volumes with image float32
+    [D, H, W] (z, y, x) (HU for ``build``'s pairs; DeepReg's Learn2Reg download is rescaled to
+    [0, 255]), labels uint8 [D, H, W, L] or None, spacing (z, y, x) mm from the fixed label file
+    (DeepReg's rescaled images lost theirs) or else the fixed image; ``ddf`` float32 [D, H, W, 3]
+    or None. Files are read as stored (x, y, z), as DeepReg does, ignoring their orientation.
+    """
+    folder = (Path(root) if root is not None else data_dir() / "lung_ct") / split
+    names = sorted(p.name for p in (folder / "fixed_images").glob("*.nii*"))
+    if not names:
+        raise DataError(f"no pairs in {folder}: build them with `teachreg data build-lung` "
+                        "(teachreg.data.lung.build) or give the folder of a DeepReg paired dataset")
+    pairs = []
+    for name in names:
+        def read(kind: str):
+            path = folder / kind / name
+            return _read_nifti(path) if path.exists() else (None, None)
+
+        spacing = read("fixed_labels")[1] or read("fixed_images")[1]
+        volumes = []
+        for role in ("moving", "fixed"):
+            image = read(f"{role}_images")[0]
+            if image is None:
+                raise DataError(f"{folder}: {role}_images/{name} is missing")
+            labels = read(f"{role}_labels")[0]
+            if labels is not None:
+                labels = (labels.reshape(*labels.shape[:3], -1) > 0).astype(np.uint8)
+            volumes.append(Volume(image.astype(np.float32), spacing, labels, ("lung",) if labels is not None else (),
+                                  f"{folder.name}/{role}/{name}"))
+        ddf = read("ddfs")[0]
+        pairs.append(LungPair(volumes[0], volumes[1], None if ddf is None else ddf.astype(np.float32),
+                              name.split(".")[0]))
+    return pairs
+
+
+def _read_user_volume(path: Path) -> Volume:
+    """A CT or mask from a NIfTI or NRRD file or a DICOM folder, as (z, y, x) with spacing in mm."""
+    try:
+        if path.is_dir():
+            array, spacing = _dicom_zyx(sorted(p for p in path.iterdir() if p.is_file()))
+        elif path.suffix == ".nrrd":
+            array, spacing = _nrrd_zyx(path)
+        else:
+            array, spacing = _lps_zyx(*_nifti(path))
+    except Exception as err:  # nibabel, pynrrd and pydicom each have their own errors
+        raise DataError(f"{path}: not a readable NIfTI or NRRD file or DICOM folder ({err})") from err
+    return Volume(np.asarray(array, np.float32), spacing, None, (), path.name)
+
+
+def _digest(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for f in files:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: int = 0, ct=None,
+          masks=None, ct_state: str = "inspiration", force: bool = False, progress: bool = True) -> Path:
+    """Build the paired lung CT dataset (see the module docstring) and return its root folder.
+
+    out: the root (default ``data_dir() / "lung_ct"``, or ``"lung_ct_custom"`` with ``ct``).
+    splits: any of "train", "test"; each is built on its own, into a temporary folder renamed at
+    the end, and skipped when ``build.json`` says it was built with the same parameters (unless
+    ``force``). grid: (D, H, W) voxels; spacing: (z, y, x) mm; seed: the grid shifts.
+    ct, masks, ct_state: a user's own chest CT (NIfTI or NRRD file, or DICOM folder) at breathing
+    ``ct_state``, and the paths of one patient's (expiration, inspiration) lung masks on one grid:
+    the pair made from them is the split "test".
+    """
+    grid, spacing = tuple(int(n) for n in grid), tuple(float(s) for s in spacing)
+    params = dict(version=VERSION, grid=list(grid), spacing=list(spacing), seed=int(seed), jitter_mm=JITTER_MM,
+                  cut_fraction=CUT_FRACTION, registration=REGISTRATION, regulariser_weights=REGULARISER_WEIGHTS)
+    if ct is not None:
+        if masks is None or len(masks) != 2 or ct_state not in ("expiration", "inspiration"):
+            raise ValueError("with ct, give masks=(expiration mask, inspiration mask) and ct_state "
+                             "'expiration' or 'inspiration'")
+        missing = [str(p) for p in (ct, *masks) if not Path(p).exists()]
+        if missing:
+            raise DataError(f"not found: {', '.join(missing)}")
+        params.update(ct_state=ct_state, inputs=_digest([ct, *masks]))
+        splits = ("test",)
+    root = Path(out) if out is not None else data_dir() / ("lung_ct" if ct is None else "lung_ct_custom")
+    root.mkdir(parents=True, exist_ok=True)
+    record_path = root / "build.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if record.get("parameters") != json.loads(json.dumps(params)):
+        for split in record.get("splits", {}):
+            shutil.rmtree(root / split, ignore_errors=True)
+        record = dict(parameters=params, splits={})
+    for split in splits:
+        if split not in MOTIONS:
+            raise ValueError(f"splits must be among {sorted(MOTIONS)}, got {split!r}")
+        if not force and split in record["splits"] and (root / split).is_dir():
+            continue
+        record["splits"][split] = _build_split(root, split, grid, spacing, seed, ct, masks, ct_state, progress)
+        tmp = record_path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, record_path)
+    return root
+
+
+def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct_state, progress) -> dict:
+    """Build one split into a temporary folder, rename it to ``root / split``; return its statistics."""
+    if ct is not None:
+        cts = [(Path(ct).name, lambda: _read_user_volume(Path(ct)), ct_state)]
+        motions = [("user_masks", lambda: Pair(*(_as_mask(_read_user_volume(Path(m))) for m in masks)))]
+    else:
+        cts = [(name, loader, state) for name, loader, state, s in CTS if s == split]
+        motions = [(f"l2r_case{case:03d}", lambda s=s, c=case: load("lung_masks", case=c, split=s))
+                   for s, case in MOTIONS[split]]
+    n_pairs = len(cts) * len(motions)
+    bar = tqdm(total=len(cts) + 2 * len(motions) + n_pairs, desc=f"lung CT {split}", disable=not progress)
+    sources = []
+    for name, loader, state in cts:
+        sources.append(prepare_ct(loader(), state, name, spacing))
+        bar.update()
+    estimated = []
+    for name, loader in motions:
+        pair = loader()
+        for source, target, src_vol, tgt_vol in (("expiration", "inspiration", pair.moving, pair.fixed),
+                                                  ("inspiration", "expiration", pair.fixed, pair.moving)):
+            if any(s.state == source for s in sources):
+                estimated.append(estimate_motion(src_vol, tgt_vol, f"{name}_{source[:3]}2{target[:3]}",
+                                                 source, grid, spacing))
+            bar.update()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
+    try:
+        for kind in ("moving_images", "fixed_images", "moving_labels", "fixed_labels", "ddfs"):
+            (tmp / kind).mkdir()
+        pairs = {}
+        for i, (source, motion) in enumerate((s, m) for s in sources for m in estimated if m.source == s.state):
+            case = f"case_{i + 1:03d}"
+            key = [seed, *(hashlib.sha256(f"{split}/{source.name}/{motion.name}".encode()).digest()[:4])]
+            shift = np.random.default_rng(key).uniform(-1, 1, 3)
+            arrays, stats = make_pair(source, motion, f"{split}/{case}", grid, spacing, shift)
+            for kind, array in arrays.items():
+                _write_nifti(tmp / kind / f"{case}.nii.gz", array, spacing)
+            pairs[case] = stats
+            bar.update()
+        shutil.rmtree(root / split, ignore_errors=True)
+        os.replace(tmp, root / split)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
+    return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs)
+
+
+def _as_mask(volume: Volume) -> Volume:
+    """A mask Volume (labels [..., 1]) from a read mask image."""
+    volume.labels = (volume.image > 0)[..., None].astype(np.uint8)
+    return volume

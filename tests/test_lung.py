@@ -1,0 +1,163 @@
+"""Tests of teachreg.data.lung: a tiny build (one CT, one motion, a coarse grid), its ground truth,
+determinism and cache, the split, bad inputs, and reading DeepReg's paired layout.
+
+Real data come from the mirror at ../shared/data (relative to the repository root); without it the
+tests that need data are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from teachreg import cli, data, metrics, spatial
+from teachreg.data import lung
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = ROOT.parent / "shared" / "data"
+TINY = ["--grid", "52", "50", "48", "--spacing", "7", "5", "7"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Paths of one CT (CIP ct-64, NRRD) and one Learn2Reg mask pair (case 12), copied from the mirror."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"no data mirror at {MIRROR}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
+        mp.setenv("TEACHREG_DATA_DIR", str(tmp_path_factory.mktemp("cache")))
+        ct = data.fetch("chest_ct_cip")["chest_ct/cip/ct-64.nrrd"]
+        masks = data.fetch("lung_masks")
+    pair = [masks[f"lung_masks/test/{kind}_labels/case_012.nii.gz"] for kind in ("moving", "fixed")]
+    return str(ct), [str(p) for p in pair]
+
+
+def _build(out: Path, inputs, state: str) -> Path:
+    ct, masks = inputs
+    assert cli.main(["data", "build-lung", "--out", str(out), "--ct", ct, "--masks", *masks,
+                     "--ct-state", state, *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, inputs):
+    """The tiny builds, one per breathing state of the CT."""
+    return {state: _build(tmp_path_factory.mktemp(state), inputs, state) for state in ("inspiration", "expiration")}
+
+
+@pytest.mark.parametrize("state", ["inspiration", "expiration"])
+def test_ground_truth_maps_moving_onto_fixed(tiny, state):
+    (pair,) = lung.load_paired(tiny[state], "test")
+    moving, fixed, ddf = pair.moving, pair.fixed, pair.ddf
+    assert moving.image.shape == fixed.image.shape == (52, 50, 48) and ddf.shape == (52, 50, 48, 3)
+    assert moving.spacing == fixed.spacing == (7.0, 5.0, 7.0)
+    assert moving.labels.dtype == np.uint8 and ddf.dtype == np.float32
+    assert metrics.folding_fraction(ddf) == 0
+    warped = spatial.warp(moving.image[None], ddf[None]).numpy()[0]
+    # Inside the lungs the density was scaled by the volume change: undo it.
+    lungs = fixed.labels[..., 0] > 0
+    jacobian = spatial.jacobian_determinant(ddf[None]).numpy()[0]
+    model = np.where(lungs, (warped - lung.HU_AIR) * jacobian + lung.HU_AIR, warped)
+    away = ndimage.binary_erosion(lungs, iterations=1) | ~ndimage.binary_dilation(lungs, iterations=1)
+    error = np.abs(model - fixed.image)[away].mean()
+    unregistered = np.abs(moving.image - fixed.image)[away].mean()
+    assert error < 0.25 * unregistered, (error, unregistered)
+    warped_lungs = spatial.warp(moving.labels[None].astype(np.float32), ddf[None], interpolation="nearest")
+    dice = metrics.dice(warped_lungs.numpy()[0, ..., 0] > 0.5, lungs)
+    assert dice > (0.999 if state == "expiration" else 0.9)  # exact when the real CT is the moving image
+    assert dice > metrics.dice(moving.labels[..., 0] > 0, lungs)
+
+
+def test_build_record(tiny):
+    record = json.loads((tiny["inspiration"] / "build.json").read_text())
+    assert record["parameters"]["grid"] == [52, 50, 48] and record["parameters"]["seed"] == 0
+    (stats,) = record["splits"]["test"]["pairs"].values()
+    assert stats["ct"] == "ct-64.nrrd" and stats["real"] == "fixed" and stats["motion"] == "user_masks_ins2exp"
+    assert stats["inverse_residual_voxels"] <= 0.01 and stats["mm_mean"] > 0
+    (motion,) = record["splits"]["test"]["motions"].values()
+    assert motion["dice"] > motion["dice_before"]
+
+
+def test_same_seed_gives_identical_files_and_rebuilds_are_cached(tmp_path, tiny, inputs):
+    ct, masks = inputs
+    again = lung.build(out=tmp_path, ct=ct, masks=masks, ct_state="inspiration", grid=(52, 50, 48),
+                       spacing=(7.0, 5.0, 7.0), progress=False)
+    files = sorted(p.relative_to(again) for p in again.rglob("*.nii.gz"))
+    assert len(files) == 5
+    for name in files:
+        assert (again / name).read_bytes() == (tiny["inspiration"] / name).read_bytes(), name
+    stamp = (again / files[0]).stat().st_mtime_ns
+    lung.build(out=tmp_path, ct=ct, masks=masks, ct_state="inspiration", grid=(52, 50, 48),
+               spacing=(7.0, 5.0, 7.0), progress=False)
+    assert (again / files[0]).stat().st_mtime_ns == stamp  # cached: not rewritten
+
+
+def test_train_and_test_share_no_patient_and_no_motion():
+    cts = {split: {name for name, _, _, s in lung.CTS if s == split} for split in ("train", "test")}
+    assert not cts["train"] & cts["test"] and "l2r_case001" in cts["test"]
+    motions = {split: {case for _, case in lung.MOTIONS[split]} for split in ("train", "test")}
+    assert not motions["train"] & motions["test"] and 1 in motions["test"]
+    patients = {name for name, _, _, _ in lung.CTS}
+    assert len(patients) == len(lung.CTS)
+
+
+def _phantom(name: str = "phantom") -> lung.Source:
+    """A 40^3 CT of 2 mm voxels (soft tissue) with a lung box of 36 x 36 x 36 mm in its middle."""
+    image = np.zeros((40, 40, 40), np.float32)
+    image[11:29, 11:29, 11:29] = -800
+    volume = data.Volume(image, (2.0, 2.0, 2.0), (image < -500)[..., None].astype(np.uint8), ("lung",), name)
+    return lung.prepare_ct(volume, "expiration", name, spacing=(2.0, 2.0, 2.0))
+
+
+def _motion(ddf: np.ndarray, source: lung.Source) -> lung.Motion:
+    grid = ddf.shape[:3]
+    origin = (source.lo + source.hi) / 2 - (np.asarray(grid) - 1) / 2 * 2.0
+    return lung.Motion("folding_motion", "expiration", ddf, origin, source.lo, source.hi,
+                       np.zeros(grid, bool))
+
+
+def test_bad_inputs_name_the_case():
+    water = data.Volume(np.zeros((30, 40, 40), np.float32), (5.0, 5.0, 5.0), None, (), "water")
+    with pytest.raises(data.DataError, match="water_phantom: no lungs found"):
+        lung.prepare_ct(water, "inspiration", "water_phantom")
+    source = _phantom()
+    z = np.arange(30, dtype=np.float32)[:, None, None]
+    folding = np.zeros((30, 30, 30, 3), np.float32)
+    folding[..., 0] = -2 * (z - 14.5)  # z -> 29 - z: a mirror, folded everywhere
+    with pytest.raises(data.DataError, match="test/case_007: motion folding_motion folds on CT phantom"):
+        lung.make_pair(source, _motion(folding, source), "test/case_007", grid=(30, 30, 30), spacing=(2, 2, 2))
+    with pytest.raises(data.DataError, match=r"test/case_008 \(CT phantom\): the lungs .* do not fit in the grid"):
+        lung.make_pair(source, _motion(np.zeros((30, 30, 30, 3), np.float32), source), "test/case_008",
+                       grid=(10, 10, 10), spacing=(2, 2, 2))
+
+
+def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
+    """DeepReg's paired_ct_lung download: masks as they are, images rescaled and saved without an affine."""
+    _, masks = inputs
+    for role, path in zip(("moving", "fixed"), masks):
+        for kind in ("images", "labels"):
+            (tmp_path / "test" / f"{role}_{kind}").mkdir(parents=True)
+        stored = nib.load(path)
+        nib.save(stored, tmp_path / "test" / f"{role}_labels" / "case_012.nii.gz")
+        image = np.asarray(stored.dataobj, np.float32) * 255.0
+        nib.save(nib.Nifti1Image(image, affine=None), tmp_path / "test" / f"{role}_images" / "case_012.nii.gz")
+    (pair,) = lung.load_paired(tmp_path, "test")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
+        mp.setenv("TEACHREG_DATA_DIR", str(Path(masks[0]).parents[3]))
+        expected = data.load("lung_masks", case=12, split="test")
+    assert pair.case == "case_012" and pair.ddf is None
+    for got, want in ((pair.moving, expected.moving), (pair.fixed, expected.fixed)):
+        assert got.spacing == want.spacing == (1.75, 1.25, 1.75)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.image, want.image * 255.0)
+
+
+def test_missing_pairs_say_how_to_build(tmp_path):
+    with pytest.raises(data.DataError, match="build-lung"):
+        lung.load_paired(tmp_path, "test")
