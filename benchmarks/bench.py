@@ -1,4 +1,7 @@
-"""Speed figures for the course's core operations, printed as JSON (`make bench`).
+"""Speed and accuracy figures for the course, printed as JSON (`make bench`).
+
+Core operations (warping, losses), chapter 4's nonrigid registration against elastix on the
+prostate pair, and chapter 5's pretrained lung network against the classical optimiser.
 
 Every comparison is measured side by side in one run, interleaving the contenders and taking the
 median of repeated runs, because shared machines are noisy. Targets (2-core CPU): the forward warp
@@ -126,6 +129,30 @@ def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
     return out
 
 
+LUNG_CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", regulariser_weight=0.1,
+                      levels=3, steps=(100, 100, 50), learning_rate=0.5)
+"""The classical optimiser that the lung network is compared with (labels unused, as the network)."""
+
+
+def network_figures(classical: int) -> dict:
+    """The pretrained lung CT network on every test pair, and `classical` pairs also by `register.nonrigid`."""
+    from teachreg import network
+    from teachreg.data import lung
+
+    lung.build(splits=("test",), progress=False)
+    pairs = [dict(name=p.case, moving=p.moving.image, fixed=p.fixed.image, moving_label=p.moving.labels[..., 0],
+                  fixed_label=p.fixed.labels[..., 0], ddf=p.ddf, spacing=p.fixed.spacing)
+             for p in lung.load_paired(split="test")]
+    report = network.evaluate(network.load_pretrained("lung_ct"), pairs, classical=classical,
+                              classical_options=LUNG_CLASSICAL)
+    mean = report["mean"]
+    if classical:
+        mean["speed_up"] = mean["classical_seconds"] / mean["seconds"]
+        mean["dice_minus_classical"] = mean["dice_after"] - mean["classical_dice_after"]
+    rounded = lambda row: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    return {"pairs": [rounded(r) for r in report["pairs"]], "mean": rounded(mean)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=15)
@@ -133,6 +160,8 @@ def main() -> None:
     parser.add_argument("--nonrigid", type=int, default=2, metavar="N",
                         help="runs of each prostate registration, ours and elastix's (0 skips them)")
     parser.add_argument("--store-elastix", action="store_true", help="save elastix's figures for the book")
+    parser.add_argument("--classical", type=int, default=2, metavar="N",
+                        help="lung test pairs also registered by the classical optimiser (-1 skips the network)")
     args = parser.parse_args()
     devices = ["/CPU:0"] + [f"/GPU:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
     report = {
@@ -146,6 +175,8 @@ def main() -> None:
         }
     if args.nonrigid:
         report["prostate_nonrigid"] = nonrigid_figures(args.nonrigid, args.store_elastix)
+    if args.classical >= 0:
+        report["lung_network"] = network_figures(args.classical)
     print(json.dumps(report, indent=2))
 
 

@@ -1,0 +1,360 @@
+"""Learning-based registration: a network that predicts the DDF of an image pair in one forward pass.
+
+`RegistrationNetwork` is a small encoder-decoder in the spirit of DeepReg's LocalNet: the moving
+and fixed images, stacked as two channels, go down three times by strided convolutions and back
+up; every decoder level (and the bottleneck) emits a DDF, and the DDFs are upsampled and summed,
+coarse to fine. The network works at half resolution and the summed DDF is upsampled
+(trilinearly) to the input grid: lung motion is smooth, and it keeps inference under a second per
+104x96x96 pair on a 2-core CPU. The DDF heads start at zero, so an untrained network predicts the
+identity warp.
+
+Conventions as in `teachreg.spatial`: images `[batch, D, H, W]` (here in Hounsfield units), DDFs
+`[batch, D, H, W, 3]` in voxels on the fixed grid with components along (D, H, W), pulling:
+`warped(x) = moving(x + ddf(x))`.
+
+>>> model = load_pretrained("lung_ct")
+>>> ddf = model.predict_ddf(moving, fixed)          # NumPy [batch, D, H, W, 3], voxels
+>>> warped = model.warp(moving, ddf)                # NumPy [batch, D, H, W]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from teachreg import losses, metrics, spatial
+from teachreg.register import REGULARISERS
+
+WINDOW = (-1000.0, 500.0)
+"""The CT window (HU) that `normalise` maps to [0, 1]: air to dense soft tissue, clipped."""
+
+LOSS_TERMS = ("image", "label", "ddf", "regulariser")
+"""The terms of the training objective, each with its own weight (see `registration_losses`)."""
+
+PRETRAINED = {"lung_ct": "lung_ct"}
+"""Pretrained models shipped in `teachreg/weights/`: name -> file stem (`.weights.h5` + `.json`)."""
+
+
+class ChecksumMismatchError(RuntimeError):
+    """A shipped weights file does not match the SHA-256 recorded beside it."""
+
+
+def normalise(image, window=WINDOW) -> tf.Tensor:
+    """Map intensities `[...]` linearly from `window` (low, high) to [0, 1], clipped; float32, same shape.
+
+    The network, its training losses and `predict_ddf` all see images through this one function.
+    """
+    low, high = float(window[0]), float(window[1])
+    image = tf.cast(image, tf.float32)
+    return tf.clip_by_value((image - low) / (high - low), 0.0, 1.0)
+
+
+def upsample2(field: tf.Tensor) -> tf.Tensor:
+    """Trilinear upsampling by 2 of `field` `[batch, D, H, W, C]` to `[batch, 2D, 2H, 2W, C]`.
+
+    Voxel centres as in `tf.image.resize` (half-pixel): new voxel `2k` lies at `k - 1/4` and `2k + 1`
+    at `k + 1/4` of the old grid, so each new value is `3/4` of its old voxel plus `1/4` of the
+    neighbour on its side (the edge voxel repeated). Values are not rescaled.
+    """
+    x = field
+    for axis in (1, 2, 3):
+        n = tf.shape(x)[axis]
+        before = tf.concat([tf.gather(x, [0], axis=axis), tf.gather(x, tf.range(n - 1), axis=axis)], axis=axis)
+        after = tf.concat([tf.gather(x, tf.range(1, n), axis=axis), tf.gather(x, [n - 1], axis=axis)], axis=axis)
+        pair = tf.stack([0.75 * x + 0.25 * before, 0.75 * x + 0.25 * after], axis=axis + 1)
+        x = tf.reshape(pair, tf.tensor_scatter_nd_update(tf.shape(x), [[axis]], [2 * n]))
+    return x
+
+
+@keras.saving.register_keras_serializable(package="teachreg")
+class RegistrationNetwork(keras.Model):
+    """A LocalNet-like DDF network: `model((moving, fixed))` -> DDF `[batch, D, H, W, 3]` (voxels).
+
+    moving, fixed: `[batch, D, H, W]` in the units of `window` (HU for CT), any size: they are
+    normalised by `normalise(image, window)` and padded (edge values) to a multiple of
+    `2 ** len(channels)` voxels per axis; the DDF is cropped back. `channels`: the feature
+    channels of the encoder levels at 1/2, 1/4, 1/8 ... of the input resolution. All
+    convolutions are 3x3x3 with leaky ReLUs and no normalisation layers (batches are small).
+    The last layer of each DDF head is zero-initialised, so an untrained network predicts 0.
+    """
+
+    def __init__(self, channels=(16, 32, 32), window=WINDOW, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = tuple(int(c) for c in channels)
+        self.window = (float(window[0]), float(window[1]))
+        if not self.channels:
+            raise ValueError("channels must list at least one level.")
+
+        def conv(filters, name, strides=1):
+            return keras.layers.Conv3D(filters, 3, strides=strides, padding="same", name=name)
+
+        self.downs = [conv(c, f"down{i}", strides=2) for i, c in enumerate(self.channels)]
+        self.encoders = [conv(c, f"encode{i}") for i, c in enumerate(self.channels)]
+        self.decoders = [conv(c, f"decode{i}") for i, c in enumerate(self.channels[:-1])]
+        # DDF heads in float32 even under mixed precision: displacements need the precision.
+        self.heads = [
+            keras.layers.Conv3D(3, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
+                                dtype="float32", name=f"ddf{i}")
+            for i in range(len(self.channels))
+        ]
+        self.activation = keras.layers.LeakyReLU(0.2)
+        self.upsample = keras.layers.UpSampling3D(2)
+        self.build(None)
+
+    def build(self, input_shape=None):
+        """Create every weight (their shapes do not depend on the image size)."""
+        previous = 2
+        for i, c in enumerate(self.channels):
+            self.downs[i].build((None, None, None, None, previous))
+            self.encoders[i].build((None, None, None, None, c))
+            previous = c
+        for i, c in enumerate(self.channels[:-1]):
+            self.decoders[i].build((None, None, None, None, self.channels[i + 1] + c))
+        for i, c in enumerate(self.channels):
+            self.heads[i].build((None, None, None, None, c))
+        self.built = True
+
+    @property
+    def multiple(self) -> int:
+        """Each input axis is padded to a multiple of this many voxels."""
+        return 2 ** len(self.channels)
+
+    def call(self, inputs, training=False):
+        moving, fixed = inputs
+        x = tf.stack([normalise(moving, self.window), normalise(fixed, self.window)], axis=-1)
+        shape = tf.shape(x)[1:4]
+        padded = (shape + self.multiple - 1) // self.multiple * self.multiple
+        pad = padded - shape
+        x = tf.pad(x, [[0, 0], [0, pad[0]], [0, pad[1]], [0, pad[2]], [0, 0]], mode="SYMMETRIC")
+        x = tf.cast(x, self.compute_dtype)
+        skips = []
+        for down, encode in zip(self.downs, self.encoders):
+            x = self.activation(encode(self.activation(down(x))))
+            skips.append(x)
+        ddf = self.heads[-1](x)
+        for i in reversed(range(len(self.decoders))):
+            x = self.activation(self.decoders[i](tf.concat([self.upsample(x), skips[i]], axis=-1)))
+            ddf = upsample2(ddf) + self.heads[i](x)
+        ddf = upsample2(ddf)
+        return ddf[:, : shape[0], : shape[1], : shape[2]]
+
+    def get_config(self):
+        return {**super().get_config(), "channels": list(self.channels), "window": list(self.window)}
+
+    def predict_ddf(self, moving, fixed, batch_size: int = 1) -> np.ndarray:
+        """The DDF `[batch, D, H, W, 3]` (voxels, float32 NumPy) mapping each fixed image into its moving one.
+
+        moving, fixed: arrays `[batch, D, H, W]` (or one pair `[D, H, W]`, giving batch 1) in the
+        units of `window` (HU for CT); normalised as in training. Runs `batch_size` pairs at a time.
+        """
+        moving, fixed = (np.asarray(a, np.float32) for a in (moving, fixed))
+        if moving.ndim == 3:
+            moving, fixed = moving[None], fixed[None]
+        if moving.ndim != 4 or moving.shape != fixed.shape:
+            raise ValueError(f"moving and fixed must both have shape [batch, D, H, W], got {moving.shape} and {fixed.shape}.")
+        if not hasattr(self, "_predict"):
+            spec = tf.TensorSpec([None, None, None, None], tf.float32)
+            self._predict = tf.function(lambda m, f: self((m, f)), input_signature=[spec, spec])
+        return np.concatenate([
+            self._predict(moving[i : i + batch_size], fixed[i : i + batch_size]).numpy()
+            for i in range(0, len(moving), batch_size)
+        ])
+
+    @staticmethod
+    def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> np.ndarray:
+        """Warp `image` `[batch, D, H, W(, C)]` by `ddf` `[batch, D, H, W, 3]` (see `spatial.warp`); NumPy."""
+        return spatial.warp(np.asarray(image, np.float32), ddf, interpolation=interpolation, padding=padding).numpy()
+
+
+# --- training objective -----------------------------------------------------------------------
+
+
+def ddf_loss(ddf_true, ddf, kind: str = "mse", weights=None) -> tf.Tensor:
+    """Distance between a predicted and a ground-truth DDF `[batch, D, H, W, 3]` (voxels), minimised.
+
+    "mse": mean over voxels and batch of the squared displacement error (voxels**2); "epe": mean
+    end-point error, the Euclidean length of the error (voxels), as the TRE but in voxels.
+    `weights` `[batch, D, H, W]`: a weighted mean over the voxels instead.
+    """
+    squared = tf.reduce_sum(tf.square(tf.cast(ddf, tf.float32) - ddf_true), axis=-1)
+    if kind == "mse":
+        error = squared
+    elif kind == "epe":
+        error = tf.sqrt(squared + 1e-6)
+    else:
+        raise ValueError(f"ddf loss must be 'mse' or 'epe', got {kind!r}.")
+    if weights is None:
+        return tf.reduce_mean(error)
+    return tf.reduce_sum(error * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+
+
+def region_weights(label, outside: float, margin: int = 2) -> tf.Tensor:
+    """Voxel weights `[batch, D, H, W]`: 1 within `margin` voxels of `label` `[batch, D, H, W(, L)]` (any label), `outside` elsewhere."""
+    label = tf.cast(label, tf.float32)
+    label = tf.reduce_max(label, axis=-1) if label.shape.rank == 5 else label
+    near = tf.nn.max_pool3d(label[..., None], 2 * margin + 1, 1, "SAME")[..., 0]
+    return outside + (1.0 - outside) * tf.cast(near > 0.5, tf.float32)
+
+
+def registration_losses(batch: dict, ddf, weights: dict, image_loss: str = "lncc", regulariser: str = "bending",
+                        ddf_kind: str = "mse", ddf_outside: float = 1.0, window=WINDOW) -> dict:
+    """The terms of the training objective and their weighted sum, `"total"` (float32 scalars).
+
+    batch: "moving", "fixed" `[batch, D, H, W]` (units of `window`), and as the weights need them
+    "moving_label", "fixed_label" `[batch, D, H, W(, L)]` in [0, 1] and "ddf" `[batch, D, H, W, 3]`
+    (the ground truth, voxels). ddf: the prediction `[batch, D, H, W, 3]`. A term with weight 0 is
+    not computed:
+    - "image": `losses.IMAGE_LOSSES[image_loss](fixed, warped moving)` on normalised images;
+    - "label": `losses.dice_loss(fixed_label, warped moving_label)` (trilinear warp, soft labels);
+    - "ddf": `ddf_loss(ddf_true, ddf, ddf_kind)` against the ground truth (supervised); with
+      `ddf_outside` < 1, voxels farther than 2 voxels from the fixed label weigh `ddf_outside`
+      (`region_weights`): the displacement of uniform air or soft tissue cannot be seen in the images;
+    - "regulariser": `register.REGULARISERS[regulariser](ddf)` ("bending", "l2", "l1").
+    """
+    ddf = tf.cast(ddf, tf.float32)
+    terms = {}
+    if weights.get("image", 0):
+        warped = spatial.warp(normalise(batch["moving"], window), ddf)
+        terms["image"] = losses.IMAGE_LOSSES[image_loss](normalise(batch["fixed"], window), warped)
+    if weights.get("label", 0):
+        warped_label = spatial.warp(batch["moving_label"], ddf, padding="zeros")
+        terms["label"] = losses.dice_loss(batch["fixed_label"], warped_label)
+    if weights.get("ddf", 0):
+        region = region_weights(batch["fixed_label"], ddf_outside) if ddf_outside < 1 else None
+        terms["ddf"] = ddf_loss(batch["ddf"], ddf, ddf_kind, region)
+    if weights.get("regulariser", 0):
+        terms["regulariser"] = REGULARISERS[regulariser](ddf)
+    terms["total"] = tf.add_n([float(weights[name]) * value for name, value in terms.items()])
+    return terms
+
+
+# --- saving and the pretrained models ---------------------------------------------------------
+
+
+def sha256(path) -> str:
+    """The SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(model: RegistrationNetwork, path, **metadata) -> Path:
+    """Save `model` as `PATH.weights.h5` plus `PATH.json` (its config, the weights' SHA-256, `metadata`).
+
+    `path` is the stem, e.g. `out/lung_ct`. Returns the JSON's path. `load(path)` reads both back.
+    """
+    stem = Path(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_name(stem.name + ".weights.h5")
+    model.save_weights(weights)
+    info = {"weights": weights.name, "sha256": sha256(weights), "model": {"channels": list(model.channels),
+            "window": list(model.window)}, **metadata}
+    target = stem.with_name(stem.name + ".json")
+    target.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return target
+
+
+def load(path) -> RegistrationNetwork:
+    """Load a model saved by `save` from its stem `path` (or its `.json`), checking the weights' SHA-256.
+
+    Raises `ChecksumMismatchError` when the weights file differs from the digest in the JSON.
+    """
+    stem = Path(str(path).removesuffix(".json"))
+    info = json.loads(stem.with_name(stem.name + ".json").read_text(encoding="utf-8"))
+    weights = stem.with_name(info["weights"])
+    actual = sha256(weights)
+    if actual != info["sha256"]:
+        raise ChecksumMismatchError(
+            f"{weights} has SHA-256 {actual}, but {stem.name}.json records {info['sha256']}: the weights "
+            "file is corrupt or was replaced. Reinstall teachreg (or re-run the training) to restore it.")
+    model = RegistrationNetwork(**info["model"])
+    model.load_weights(weights)
+    model.info = info
+    return model
+
+
+def load_pretrained(name: str = "lung_ct") -> RegistrationNetwork:
+    """A pretrained `RegistrationNetwork` shipped with teachreg, its weights' SHA-256 checked.
+
+    "lung_ct": trained with `teachreg train configs/lung_ct.yaml` on the train pairs of the lung CT
+    dataset (`teachreg.data.lung`), CT in HU on 104x96x96 grids of (3.5, 2.5, 3.5) mm.
+    `model.info` holds the training config, command, device, time, per-epoch history and the
+    evaluation on the test pairs measured after training (`teachreg/weights/lung_ct.json`).
+    Use `model.predict_ddf(moving, fixed)`.
+    """
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}.")
+    with resources.as_file(weights_folder()) as folder:
+        return load(Path(folder) / f"{PRETRAINED[name]}.json")
+
+
+def weights_folder():
+    """The folder of the shipped weights, `teachreg/weights/` inside the installed package."""
+    return resources.files("teachreg") / "weights"
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0, classical_options=None) -> dict:
+    """Accuracy and speed of `model` on `pairs`; a dict of per-pair figures and their means.
+
+    pairs: dicts with "moving", "fixed" `[D, H, W]` (HU), "moving_label", "fixed_label" `[D, H, W]`
+    (binary masks), "ddf" `[D, H, W, 3]` (ground truth, voxels), optionally "name" and "spacing"
+    (mm per voxel along D, H, W; or give `spacing`). Per pair:
+    - `seconds`: wall time of `predict_ddf` for the pair (after one warm-up call);
+    - `initial_mm` / `tre_mm`: mean displacement error in mm of the identity / the prediction
+      against the ground truth, over the fixed lung mask; `*_all_mm`: over the whole volume;
+    - `dice_before` / `dice_after`: Dice of the fixed mask with the moving mask unwarped / warped
+      (trilinear, thresholded at 0.5);
+    - `folding`: fraction of voxels where the Jacobian determinant of the predicted map is <= 0.
+    With `classical` > 0, the first `classical` pairs are also registered by `register.nonrigid`
+    (`classical_options`, default parameters otherwise; images only, no labels): keys `classical_*`.
+    """
+    from teachreg import register
+
+    rows = []
+    model.predict_ddf(pairs[0]["moving"], pairs[0]["fixed"])  # warm-up: trace the function once
+    for i, pair in enumerate(pairs):
+        step = np.asarray(spacing if spacing is not None else pair["spacing"], np.float64)
+        start = time.perf_counter()
+        ddf = model.predict_ddf(pair["moving"], pair["fixed"])
+        row = {"name": pair.get("name", str(i)), "seconds": time.perf_counter() - start}
+        row.update(_accuracy(ddf, pair, step))
+        if i < classical:
+            result = register.nonrigid(pair["moving"], pair["fixed"], **(classical_options or {}))
+            row.update({f"classical_{k}": v for k, v in _accuracy(result.ddf.numpy(), pair, step).items()})
+            row["classical_seconds"] = result.seconds
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "name"]
+    mean = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+    mean["tre_ratio"] = mean["tre_mm"] / mean["initial_mm"]
+    return {"pairs": rows, "mean": mean}
+
+
+def _accuracy(ddf: np.ndarray, pair: dict, spacing: np.ndarray) -> dict:
+    """TRE (mm, lung mask and whole volume), Dice before and after, and folding of one predicted DDF."""
+    ddf = ddf.reshape(ddf.shape[-4:])
+    truth = np.asarray(pair["ddf"], np.float32)
+    mask = np.asarray(pair["fixed_label"]) > 0.5
+    moving_mask = np.asarray(pair["moving_label"]) > 0.5
+    warped = spatial.warp(moving_mask[None].astype(np.float32), ddf[None], padding="zeros").numpy()[0] >= 0.5
+    zero = np.zeros_like(truth)
+    return {
+        "initial_mm": metrics.target_registration_error(zero, truth, spacing, mask=mask),
+        "tre_mm": metrics.target_registration_error(ddf, truth, spacing, mask=mask),
+        "initial_all_mm": metrics.target_registration_error(zero, truth, spacing),
+        "tre_all_mm": metrics.target_registration_error(ddf, truth, spacing),
+        "dice_before": metrics.dice(moving_mask, mask),
+        "dice_after": metrics.dice(warped, mask),
+        "folding": metrics.folding_fraction(ddf),
+    }

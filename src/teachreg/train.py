@@ -1,0 +1,334 @@
+"""Training a `network.RegistrationNetwork` from a YAML config: `teachreg train CONFIG.yaml`.
+
+The data are image pairs in DeepReg's paired layout, as `teachreg.data.lung` writes and reads
+them: `ROOT/SPLIT/{moving,fixed}_images/NAME.nii.gz`, `ROOT/SPLIT/{moving,fixed}_labels/NAME.nii.gz`
+and `ROOT/SPLIT/ddfs/NAME.nii.gz`, the ground-truth DDF in voxels on the fixed grid (`fixed(x) =
+moving(x + ddf(x))`); `read_pairs` gives teachreg's (z, y, x) arrays.
+
+One epoch visits every training pair once, in an order drawn from (seed, epoch); each pair is
+augmented by random affines (`spatial.random_affine`), by default two independent ones (as
+DeepReg), one resampling the fixed side and one the moving side, which adds an affine motion
+between them; with `independent: false` one affine moves both, which changes the pose but keeps
+the motion. The ground-truth DDF is transformed to match exactly (see `augment`), so
+augmentation is valid in every mode, supervised included. After each epoch the
+run writes a checkpoint (model, optimiser, epoch), TensorBoard scalars and a row of
+`history.csv`; started again with the same output folder it resumes from the latest checkpoint
+and gives the same result as an uninterrupted run. Mixed precision is used on a GPU, and a
+`tf.distribute.MirroredStrategy` when there are several (`batch_size` is per replica).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+from tensorflow.core.framework import summary_pb2
+from tqdm import tqdm
+
+from teachreg import colab, network, spatial
+
+DEFAULTS = {
+    "name": "model",  # the saved model is OUTPUT/NAME.weights.h5 + OUTPUT/NAME.json
+    "data": {"root": None, "split": "train"},  # root None: teachreg.data.data_dir() / "lung_ct"
+    "model": {"channels": [16, 32, 32], "window": list(network.WINDOW)},
+    "mode": "unsupervised",
+    "weights": {},  # override the mode's weights, e.g. {label: 1.0}
+    "image_loss": "lncc",
+    "regulariser": "bending",
+    "ddf_loss": "mse",
+    "ddf_outside_weight": 1.0,  # < 1: the DDF loss weighs voxels away from the fixed label less (labels needed)
+    "epochs": 10,
+    "batch_size": 1,  # per replica
+    "learning_rate": 1e-3,
+    "schedule": "constant",  # or "cosine": decays to 1 % of learning_rate over all the epochs' steps
+    # random_affine scale (0: off); independent: one affine per side (as DeepReg), else one per pair
+    "augmentation": {"scale": 0.05, "independent": True},
+    "seed": 0,
+    "output": "runs/model",
+    "mixed_precision": "auto",  # auto: on a GPU only; or true / false
+    "strategy": "auto",  # auto: MirroredStrategy with several GPUs; "default" or "mirrored"
+}
+"""Every config key with its default; a YAML config overrides some of them (nested dicts merge)."""
+
+MODES = {
+    "unsupervised": {"image": 1.0, "label": 0.0, "ddf": 0.0, "regulariser": 0.5},
+    "weak": {"image": 0.0, "label": 1.0, "ddf": 0.0, "regulariser": 0.5},
+    "combined": {"image": 1.0, "label": 1.0, "ddf": 0.0, "regulariser": 0.5},
+    "supervised": {"image": 0.0, "label": 0.0, "ddf": 1.0, "regulariser": 0.0},
+}
+"""Each training mode's default loss weights (see `network.registration_losses`); `weights` overrides them."""
+
+
+def load_config(config=None, **overrides) -> dict:
+    """The full config: `DEFAULTS` updated by `config` (a YAML path or a dict), then by `overrides`.
+
+    Unknown keys raise a `ValueError`; the mode's weights are resolved into `"weights"`.
+    """
+    if isinstance(config, (str, Path)):
+        config = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    merged = copy.deepcopy(DEFAULTS)
+    for source in (config or {}, overrides):
+        for key, value in source.items():
+            if key not in DEFAULTS:
+                raise ValueError(f"unknown config key {key!r}; known keys: {sorted(DEFAULTS)}.")
+            if isinstance(DEFAULTS[key], dict) and key != "weights":
+                unknown = set(value or {}) - set(DEFAULTS[key])
+                if unknown:
+                    raise ValueError(f"unknown key(s) {sorted(unknown)} in {key!r}; known: {sorted(DEFAULTS[key])}.")
+                merged[key].update(value or {})
+            else:
+                merged[key] = copy.deepcopy(value)
+    if merged["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {merged['mode']!r}.")
+    unknown = set(merged["weights"]) - set(network.LOSS_TERMS)
+    if unknown:
+        raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; the terms are {list(network.LOSS_TERMS)}.")
+    merged["weights"] = {**MODES[merged["mode"]], **{k: float(v) for k, v in merged["weights"].items()}}
+    return merged
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def read_pairs(root=None, split: str = "train", labels: bool = True, ddfs: bool = True) -> list[dict]:
+    """The pairs of `ROOT/SPLIT` in the paired layout, sorted by name, read by `teachreg.data.lung.load_paired`.
+
+    root: default `teachreg.data.data_dir() / "lung_ct"`. Each pair is a dict: "name", "moving",
+    "fixed" `[D, H, W]` float32 (HU for the lung CT dataset), "spacing" (z, y, x) mm, and with
+    `labels` "moving_label", "fixed_label" uint8 `[D, H, W]` (`[D, H, W, L]` with several
+    labels), with `ddfs` "ddf" float32 `[D, H, W, 3]` (voxels, components (z, y, x)). Raises
+    `teachreg.data.DataError` when there are no pairs or a requested label or DDF is missing.
+    """
+    from teachreg.data import DataError, lung
+
+    pairs = []
+    for pair in lung.load_paired(root, split):
+        item = {"name": pair.case, "moving": pair.moving.image, "fixed": pair.fixed.image,
+                "spacing": tuple(pair.fixed.spacing)}
+        if labels:
+            if pair.moving.labels is None or pair.fixed.labels is None:
+                raise DataError(f"{split}/{pair.case}: labels are missing, but the config uses the label loss")
+            for key, volume in (("moving_label", pair.moving), ("fixed_label", pair.fixed)):
+                item[key] = volume.labels[..., 0] if volume.labels.shape[-1] == 1 else volume.labels
+        if ddfs:
+            if pair.ddf is None:
+                raise DataError(f"{split}/{pair.case}: the ground-truth DDF is missing, but the config uses the DDF loss")
+            item["ddf"] = pair.ddf
+        pairs.append(item)
+    return pairs
+
+
+def augment(sample: dict, fixed_affine, moving_affine) -> dict:
+    """Resample one pair by two affines `[4, 3]` (fixed voxels -> original voxels), keeping it consistent.
+
+    sample: "moving", "fixed" `[D, H, W]`, optionally "moving_label", "fixed_label" `[D, H, W]`
+    and "ddf" `[D, H, W, 3]`. The new fixed image is `fixed(A x)` and the new moving image
+    `moving(B y)` (A = `fixed_affine`, B = `moving_affine`; labels alike, zero outside). As
+    `fixed(x) = moving(x + u(x))`, the new pair is related by `u'(x) = B^-1 (A x + u(A x)) - x`,
+    the DDF returned. Images use edge padding outside the volume, labels zeros.
+    """
+    shape = sample["fixed"].shape
+    grid = spatial.reference_grid(shape)
+    at_fixed = spatial.warp_grid(grid, fixed_affine[None])  # A x, [1, D, H, W, 3]
+    at_moving = spatial.warp_grid(grid, moving_affine[None])  # B y
+    out = dict(sample)
+    out["fixed"] = spatial.resample(sample["fixed"][None], at_fixed)[0]
+    out["moving"] = spatial.resample(sample["moving"][None], at_moving)[0]
+    if "fixed_label" in sample:
+        out["fixed_label"] = spatial.resample(sample["fixed_label"][None], at_fixed, padding="zeros")[0]
+        out["moving_label"] = spatial.resample(sample["moving_label"][None], at_moving, padding="zeros")[0]
+    if "ddf" in sample:
+        target = at_fixed[0] + spatial.resample(sample["ddf"][None], at_fixed)[0]  # A x + u(A x)
+        out["ddf"] = spatial.warp_grid(target, spatial.invert_affine(moving_affine[None]))[0] - grid
+    return out
+
+
+def make_dataset(pairs: list[dict], keys, global_batch: int, epoch: int, seed: int, scale: float,
+                 independent: bool = True) -> tf.data.Dataset:
+    """One epoch of batches `{key: [global_batch, ...]}` (float32), order and affines drawn from (seed, epoch).
+
+    pairs: dicts as `read_pairs` gives, all of one shape, with at least `keys`. The last
+    incomplete batch is dropped. `scale`: `spatial.random_affine`'s scale (0: no augmentation);
+    `independent`: a different affine for the fixed and the moving side, else the same one.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(pairs))
+    shape = pairs[0]["fixed"].shape
+    if scale > 0:
+        affines = spatial.random_affine(2 * len(order), scale, seed=int(rng.integers(2**31)), shape=shape).numpy()
+        if not independent:
+            affines[1::2] = affines[0::2]
+    else:
+        affines = np.tile(np.eye(4, 3, dtype=np.float32), (2 * len(order), 1, 1))
+
+    def generate():
+        for j, i in enumerate(order):
+            yield {k: pairs[i][k] for k in keys}, affines[2 * j], affines[2 * j + 1]
+
+    # Arrays stay in their own dtype (int16 HU, uint8 labels) in memory and become float32 here.
+    signature = ({k: tf.TensorSpec(np.shape(pairs[0][k]), tf.as_dtype(np.asarray(pairs[0][k]).dtype)) for k in keys},
+                 tf.TensorSpec([4, 3], tf.float32), tf.TensorSpec([4, 3], tf.float32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+    def prepare(sample, fixed_affine, moving_affine):
+        sample = {k: tf.cast(v, tf.float32) for k, v in sample.items()}
+        return augment(sample, fixed_affine, moving_affine) if scale > 0 else sample
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(global_batch, drop_remainder=True).prefetch(1)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+_SCALAR = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+"""TensorBoard's scalar metadata, so `tf.summary.write` logs scalars without the tensorboard package."""
+
+
+def _learning_rate(config: dict, steps_per_epoch: int):
+    """The config's learning rate: a number, or a cosine decay over `epochs * steps_per_epoch` steps.
+
+    The decay is set by the epochs of this run: resuming with more epochs stretches it.
+    """
+    if config["schedule"] == "constant":
+        return config["learning_rate"]
+    if config["schedule"] == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config["learning_rate"], config["epochs"] * steps_per_epoch,
+                                                      alpha=0.01)
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {config['schedule']!r}.")
+
+
+def _strategy(choice: str) -> tf.distribute.Strategy:
+    gpus = tf.config.list_physical_devices("GPU")
+    if choice == "mirrored" or (choice == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    if choice in ("auto", "default"):
+        return tf.distribute.get_strategy()
+    raise ValueError(f"strategy must be 'auto', 'default' or 'mirrored', got {choice!r}.")
+
+
+def _read_history(path: Path, last_epoch: int) -> list[dict]:
+    """The rows of `history.csv` up to `last_epoch` (later rows belong to an interrupted run)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [r for r in rows if r["epoch"] <= last_epoch]
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train(config=None, output=None, epochs: int | None = None, resume: bool = True, progress: bool = True,
+          pairs: list[dict] | None = None) -> tuple[network.RegistrationNetwork, list[dict]]:
+    """Train a `RegistrationNetwork` as `config` says (YAML path or dict, see `DEFAULTS`); returns (model, history).
+
+    `output` and `epochs` override the config's. The output folder receives `config.yaml` (the
+    full config used), `checkpoints/`, TensorBoard `logs/`, `history.csv` (one row per epoch:
+    mean loss terms and seconds) and, at the end, `NAME.weights.h5` + `NAME.json` (`network.save`,
+    with the config, device, total seconds and the history). With `resume`, training continues
+    from the latest checkpoint in `output`; run with more `epochs` to train further.
+    `pairs` (from `read_pairs`) skips reading the data from disk.
+    """
+    config = load_config(config, **({"output": str(output)} if output else {}),
+                         **({"epochs": int(epochs)} if epochs is not None else {}))
+    out = Path(config["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    weights = config["weights"]
+    labels = bool(weights["label"]) or (bool(weights["ddf"]) and config["ddf_outside_weight"] < 1)
+    keys = ["moving", "fixed"] + (["moving_label", "fixed_label"] if labels else []) + (["ddf"] if weights["ddf"] else [])
+    if pairs is None:
+        pairs = read_pairs(config["data"]["root"], config["data"]["split"], labels=labels, ddfs=bool(weights["ddf"]))
+
+    keras.utils.set_random_seed(config["seed"])
+    strategy = _strategy(config["strategy"])
+    gpus = tf.config.list_physical_devices("GPU")
+    mixed = bool(gpus) if config["mixed_precision"] == "auto" else bool(config["mixed_precision"])
+    previous_policy = keras.mixed_precision.global_policy()
+    global_batch = config["batch_size"] * strategy.num_replicas_in_sync
+    if len(pairs) < global_batch:
+        raise ValueError(f"{len(pairs)} training pairs cannot fill one batch of {global_batch}.")
+    steps = len(pairs) // global_batch
+    try:
+        if mixed:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with strategy.scope():
+            model = network.RegistrationNetwork(**config["model"])
+            optimizer = keras.optimizers.Adam(_learning_rate(config, steps))
+            if mixed:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+            epoch_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # Keras 3 models are not tf.train trackables: their weights are checkpointed as a list.
+        checkpoint = tf.train.Checkpoint(weights=list(model.weights), optimizer=optimizer, epoch=epoch_done)
+        manager = tf.train.CheckpointManager(checkpoint, out / "checkpoints", max_to_keep=2)
+        if resume and manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        history = _read_history(out / "history.csv", int(epoch_done.numpy()))
+        train_step = _train_step(model, optimizer, strategy, config)
+        writer = tf.summary.create_file_writer(str(out / "logs" / "train"))
+        for epoch in range(int(epoch_done.numpy()), config["epochs"]):
+            start = time.perf_counter()
+            dataset = make_dataset(pairs, keys, global_batch, epoch, config["seed"], **config["augmentation"])
+            sums: dict[str, float] = {}
+            bar = tqdm(strategy.experimental_distribute_dataset(dataset), total=steps, disable=not progress,
+                       desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", leave=False)
+            for batch in bar:
+                terms = {k: float(v) for k, v in train_step(batch).items()}
+                sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+                bar.set_postfix(loss=f"{terms['total']:.4f}")
+            row = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}, "seconds": time.perf_counter() - start}
+            history.append(row)
+            with writer.as_default():
+                for key in sums:
+                    tf.summary.write(f"loss/{key}", tf.constant(row[key], tf.float32), step=epoch + 1, metadata=_SCALAR)
+            epoch_done.assign(epoch + 1)
+            manager.save(checkpoint_number=epoch + 1)
+            _write_history(out / "history.csv", history)
+            if progress:
+                print(f"epoch {epoch + 1}/{config['epochs']}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")) + f" ({row['seconds']:.0f} s)")
+        writer.flush()
+        network.save(model, out / config["name"], config=config, device=colab.device_description(),
+                     mixed_precision=mixed, replicas=strategy.num_replicas_in_sync, tensorflow=tf.__version__,
+                     seconds=float(sum(r["seconds"] for r in history)), history=history)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return model, history
+
+
+def _train_step(model, optimizer, strategy: tf.distribute.Strategy, config: dict):
+    """A compiled training step: per-replica losses, summed gradients, one optimiser update; returns the mean terms."""
+    options = {"weights": config["weights"], "image_loss": config["image_loss"], "regulariser": config["regulariser"],
+               "ddf_kind": config["ddf_loss"], "ddf_outside": config["ddf_outside_weight"],
+               "window": config["model"]["window"]}
+
+    def replica_step(batch):
+        with tf.GradientTape() as tape:
+            ddf = model((batch["moving"], batch["fixed"]), training=True)
+            terms = network.registration_losses(batch, ddf, **options)
+            # Gradients are summed over replicas, so each replica's loss is divided by their number.
+            scaled = optimizer.scale_loss(terms["total"] / strategy.num_replicas_in_sync)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return terms
+
+    @tf.function
+    def step(batch):
+        terms = strategy.run(replica_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in terms.items()}
+
+    return step

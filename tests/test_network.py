@@ -1,0 +1,222 @@
+"""The registration network, its training loop and the shipped pretrained model, on tiny volumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from teachreg import cli, network, spatial, train
+
+SHAPE = (12, 8, 10)  # (z, y, x), deliberately not a multiple of 8
+SMALL = {"channels": [4, 8]}
+
+
+def _write(path: Path, array: np.ndarray, spacing=(3.5, 2.5, 3.5)) -> None:
+    """Write a (z, y, x, ...) array as NIfTI stored (x, y, z, ...), as `teachreg.data.lung` does (DDF components kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = np.swapaxes(array, 0, 2)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(stored), np.diag([*spacing[::-1], 1.0])), str(path))
+
+
+def _pair(seed: int, shape=SHAPE) -> dict:
+    """A synthetic CT-like pair: a dark ellipsoid (lung) in soft tissue, moved by a smooth DDF along z."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    centre = np.array(shape) / 2 + rng.uniform(-1, 1, 3)
+    radius = sum(((g - c) / (n / 3)) ** 2 for g, c, n in zip((z, y, x), centre, shape))
+    label = (radius < 1).astype(np.float32)
+    moving = np.where(label > 0, -800.0, 40.0).astype(np.float32) + rng.normal(0, 20, shape).astype(np.float32)
+    ddf = np.zeros((*shape, 3), np.float32)
+    ddf[..., 0] = rng.uniform(1, 2) * np.sin(np.pi * z / shape[0])
+    ddf[..., 2] = 0.5 * np.cos(np.pi * y / shape[1])
+    fixed = spatial.warp(moving[None], ddf[None]).numpy()[0]
+    fixed_label = spatial.warp(label[None], ddf[None], interpolation="nearest").numpy()[0]
+    return {"name": f"case_{seed:03d}", "moving": moving, "fixed": fixed, "moving_label": label,
+            "fixed_label": fixed_label, "ddf": ddf, "spacing": (3.5, 2.5, 3.5)}
+
+
+def _write_dataset(root: Path, count: int = 2, split: str = "train") -> list[dict]:
+    pairs = [_pair(i) for i in range(count)]
+    for pair in pairs:
+        name = pair["name"] + ".nii.gz"
+        for key, folder in (("moving", "moving_images"), ("fixed", "fixed_images"), ("ddf", "ddfs"),
+                            ("moving_label", "moving_labels"), ("fixed_label", "fixed_labels")):
+            array = pair[key].astype(np.uint8) if "label" in key else pair[key]
+            _write(root / split / folder / name, array)
+    return pairs
+
+
+def _batch(pair: dict) -> dict:
+    return {k: tf.constant(pair[k][None]) for k in ("moving", "fixed", "moving_label", "fixed_label", "ddf")}
+
+
+def test_output_shapes_and_padding():
+    model = network.RegistrationNetwork(**SMALL)
+    moving = np.random.default_rng(0).uniform(-1000, 500, (2, *SHAPE)).astype(np.float32)
+    assert model((moving, moving)).shape == (2, *SHAPE, 3)
+    assert model.predict_ddf(moving, moving).shape == (2, *SHAPE, 3)
+    assert model.predict_ddf(moving[0], moving[0]).shape == (1, *SHAPE, 3)
+    assert model.warp(moving, np.zeros((2, *SHAPE, 3), np.float32)).shape == (2, *SHAPE)
+    with pytest.raises(ValueError, match="same shape|batch, D, H, W"):
+        model.predict_ddf(moving, moving[:, :-1])
+
+
+def test_untrained_network_predicts_the_identity():
+    model = network.RegistrationNetwork(**SMALL)
+    pair = _pair(0)
+    ddf = model.predict_ddf(pair["moving"], pair["fixed"])
+    assert np.array_equal(ddf, np.zeros_like(ddf))
+    np.testing.assert_allclose(model.warp(pair["moving"][None], ddf)[0], pair["moving"], atol=1e-4)
+
+
+def test_upsample2_is_trilinear_with_half_pixel_centres():
+    x = tf.reshape(tf.range(3, dtype=tf.float32), [1, 3, 1, 1, 1])
+    up = network.upsample2(x)[0, :, 0, 0, 0].numpy()
+    np.testing.assert_allclose(up, [0.0, 0.25, 0.75, 1.25, 1.75, 2.0])
+    constant = network.upsample2(tf.ones([1, 2, 3, 4, 3]))
+    assert constant.shape == (1, 4, 6, 8, 3) and np.allclose(constant, 1.0)
+
+
+def test_a_training_step_lowers_the_loss():
+    # Every term at once (image, label, ground-truth DDF, regulariser): one trace covers all modes' terms.
+    config = train.load_config({"mode": "combined", "weights": {"ddf": 1.0}, "ddf_outside_weight": 0.1, "model": SMALL,
+                                "learning_rate": 1e-3})
+    model = network.RegistrationNetwork(**SMALL)
+    import keras
+
+    optimizer = keras.optimizers.Adam(config["learning_rate"])
+    step = train._train_step(model, optimizer, tf.distribute.get_strategy(), config)
+    batch = _batch(_pair(1))
+    before = float(step(batch)["total"])  # the loss before the first update
+    after = float(step(batch)["total"])
+    assert after < before
+
+
+def test_ddf_loss_and_its_region_weights():
+    truth = np.zeros((1, 6, 6, 6, 3), np.float32)
+    predicted = truth.copy()
+    predicted[0, 0, 0, 0] = [3.0, 4.0, 0.0]  # one voxel off by 5
+    assert float(network.ddf_loss(truth, predicted, "epe")) == pytest.approx(5 / 216, abs=2e-3)  # sqrt(e**2 + 1e-6)
+    assert float(network.ddf_loss(truth, predicted, "mse")) == pytest.approx(25 / 216)
+    label = np.zeros((1, 6, 6, 6), np.float32)
+    label[0, 5, 5, 5] = 1
+    weights = network.region_weights(label, outside=0.1, margin=1).numpy()
+    assert weights[0, 4:, 4:, 4:].min() == 1 and weights[0, :4].max() == pytest.approx(0.1)
+    assert float(network.ddf_loss(truth, predicted, "epe", weights)) == pytest.approx(0.5 / weights.sum(), abs=2e-3)
+
+
+def test_saved_and_reloaded_model_predicts_the_same_ddf(tmp_path):
+    model = network.RegistrationNetwork(**SMALL)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.normal(0, 0.05, weight.shape).astype(np.float32))
+    pair = _pair(2)
+    ddf = model.predict_ddf(pair["moving"], pair["fixed"])
+    assert np.abs(ddf).max() > 0
+    info = network.save(model, tmp_path / "model", note="test")
+    again = network.load(info)
+    np.testing.assert_array_equal(again.predict_ddf(pair["moving"], pair["fixed"]), ddf)
+    assert again.info["note"] == "test" and again.channels == model.channels
+
+
+def test_load_refuses_weights_with_a_wrong_checksum(tmp_path, monkeypatch):
+    network.save(network.RegistrationNetwork(**SMALL), tmp_path / "lung_ct")
+    weights = tmp_path / "lung_ct.weights.h5"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    monkeypatch.setattr(network, "weights_folder", lambda: tmp_path)
+    with pytest.raises(network.ChecksumMismatchError, match="SHA-256"):
+        network.load_pretrained("lung_ct")
+    with pytest.raises(ValueError, match="unknown pretrained model"):
+        network.load_pretrained("brain_mr")
+
+
+def test_shipped_pretrained_model_loads():
+    folder = Path(str(network.weights_folder()))
+    if not (folder / "lung_ct.json").exists():
+        pytest.skip("no pretrained lung_ct weights shipped yet")
+    model = network.load_pretrained("lung_ct")
+    assert (folder / "lung_ct.weights.h5").stat().st_size <= 10 * 2**20
+    moving = np.full((1, 16, 16, 16), -500.0, np.float32)
+    assert model.predict_ddf(moving, moving).shape == (1, 16, 16, 16, 3)
+    assert {"config", "device", "history", "sha256"} <= set(model.info)
+
+
+def test_read_pairs_gives_zyx_arrays_and_components(tmp_path):
+    pairs = _write_dataset(tmp_path, count=1)
+    read = train.read_pairs(tmp_path, "train")[0]
+    for key in ("moving", "fixed", "moving_label", "fixed_label", "ddf"):
+        np.testing.assert_allclose(read[key], pairs[0][key], atol=1e-5)
+    assert read["spacing"] == (3.5, 2.5, 3.5) and read["name"] == "case_000"
+
+
+def test_augmentation_keeps_the_pair_and_its_ddf_consistent():
+    pair = _pair(3, shape=(24, 20, 20))
+    # Smooth images, so that interpolation differences stay small.
+    for key in ("moving", "fixed"):
+        pair[key] = spatial.smooth(pair[key][None], 1.5).numpy()[0]
+    pair["fixed"] = spatial.warp(pair["moving"][None], pair["ddf"][None]).numpy()[0]
+    affines = spatial.random_affine(2, 0.15, seed=0, shape=pair["fixed"].shape)
+    sample = {k: tf.constant(pair[k]) for k in ("moving", "fixed", "ddf")}
+    out = train.augment(sample, affines[0], affines[1])
+    rewarped = spatial.warp(out["moving"][None], out["ddf"][None])[0]
+    inner = (slice(3, -3),) * 3  # away from the borders, where edge padding differs
+    error = tf.abs(rewarped - out["fixed"]).numpy()[inner].mean()
+    unregistered = tf.abs(out["moving"] - out["fixed"]).numpy()[inner].mean()
+    assert error < 0.1 * unregistered
+    assert not np.allclose(out["ddf"], pair["ddf"], atol=0.5)  # the affines did change the DDF
+
+
+def test_config_rejects_unknown_keys_and_resolves_mode_weights():
+    with pytest.raises(ValueError, match="unknown config key"):
+        train.load_config({"epoch": 3})
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        train.load_config({"weights": {"dice": 1.0}})
+    config = train.load_config({"mode": "supervised", "weights": {"label": 0.5}})
+    assert config["weights"] == {"image": 0.0, "label": 0.5, "ddf": 1.0, "regulariser": 0.0}
+
+
+def test_train_command_checkpoints_and_resumes(tmp_path):
+    _write_dataset(tmp_path / "data", count=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "name": "tiny", "data": {"root": str(tmp_path / "data")}, "model": SMALL, "mode": "supervised",
+        "weights": {"label": 1.0, "image": 0.5, "regulariser": 0.1}, "augmentation": {"scale": 0.1}}))
+    out = tmp_path / "run"
+    assert cli.main(["train", str(config), "--output", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert (out / "checkpoints" / "ckpt-1.index").exists()
+    assert list((out / "logs" / "train").glob("events.out.tfevents.*"))
+    assert cli.main(["train", str(config), "--output", str(out), "--epochs", "2", "--quiet"]) == 0
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    resumed = network.load(out / "tiny")
+    assert len(resumed.info["history"]) == 2
+    # An uninterrupted run of two epochs ends with the same weights.
+    straight, _ = train.train(config, output=tmp_path / "straight", epochs=2, progress=False)
+    for a, b in zip(resumed.weights, straight.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data: {{root: {tmp_path / 'nowhere'}}}\n")
+    assert cli.main(["train", str(config), "--output", str(tmp_path / "run"), "--quiet"]) == 1
+    assert "no pairs" in capsys.readouterr().err
+
+
+def test_evaluate_reports_accuracy_and_speed():
+    model = network.RegistrationNetwork(**SMALL)
+    pairs = [_pair(4), _pair(5)]
+    result = network.evaluate(model, pairs)
+    mean = result["mean"]
+    assert len(result["pairs"]) == 2
+    assert mean["tre_mm"] == pytest.approx(mean["initial_mm"])  # the untrained network does not move
+    assert mean["tre_ratio"] == pytest.approx(1.0)
+    assert mean["dice_after"] == pytest.approx(mean["dice_before"])
+    assert mean["folding"] == 0.0 and mean["seconds"] > 0
