@@ -27,6 +27,7 @@ CHAPTERS = {
     "ch02": BOOK / "ch02_losses.ipynb",
     "ch03": BOOK / "ch03_affine.ipynb",
     "ch04": BOOK / "ch04_nonrigid.ipynb",
+    "ch05": BOOK / "ch05_learning.ipynb",
 }
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
