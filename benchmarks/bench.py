@@ -136,13 +136,11 @@ LUNG_CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", reg
 
 def network_figures(classical: int) -> dict:
     """The pretrained lung CT network on every test pair, and `classical` pairs also by `register.nonrigid`."""
-    from teachreg import network
+    from teachreg import network, train
     from teachreg.data import lung
 
     lung.build(splits=("test",), progress=False)
-    pairs = [dict(name=p.case, moving=p.moving.image, fixed=p.fixed.image, moving_label=p.moving.labels[..., 0],
-                  fixed_label=p.fixed.labels[..., 0], ddf=p.ddf, spacing=p.fixed.spacing)
-             for p in lung.load_paired(split="test")]
+    pairs = train.read_pairs(split="test")
     report = network.evaluate(network.load_pretrained("lung_ct"), pairs, classical=classical,
                               classical_options=LUNG_CLASSICAL)
     mean = report["mean"]

@@ -39,9 +39,10 @@ def available() -> bool:
 def register(moving, fixed, maps: tuple[str, ...] = ("bspline",), spacing=(1.0, 1.0, 1.0)) -> Result:
     """Register `moving` to `fixed` (`[D, H, W]` arrays, spacing in mm, (z, y, x)) with elastix.
 
-    `maps`: names of elastix's default parameter maps (`MAPS`), run in order. Returns a Result whose `ddf` `[1, D, H, W, 3]` is in voxels on the fixed grid,
-    converted from transformix's deformation field (mm, (x, y, z) order), and whose `seconds` is
-    elastix's wall time (without computing the field).
+    `maps`: names of elastix's default parameter maps (`MAPS`), run in order. Returns a Result
+    whose `ddf` `[1, D, H, W, 3]` is in voxels on the fixed grid, converted from transformix's
+    deformation field (mm, (x, y, z) order), and whose `seconds` is elastix's wall time (without
+    computing the field).
     """
     if not available():
         raise ImportError(INSTALL_HINT)
