@@ -147,6 +147,18 @@ def test_shipped_pretrained_model_loads():
     assert {"config", "device", "history", "sha256"} <= set(model.info)
 
 
+def test_shipped_lung_ct_model_records_the_configs_in_the_repository():
+    info = network.load_pretrained("lung_ct").info
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for record, name in ((info, "lung_ct.yaml"), (info["init"], "lung_ct_stage1.yaml")):
+        expected = train.load_config(configs / name)
+        trained = train.load_config(record["config"])
+        for key in ("output", "init"):  # where the run wrote and read its models
+            expected.pop(key), trained.pop(key)
+        assert trained == expected, name
+        assert len(record["history"]) == expected["epochs"]
+
+
 def test_read_pairs_gives_zyx_arrays_and_components(tmp_path):
     pairs = _write_dataset(tmp_path, count=1)
     read = train.read_pairs(tmp_path, "train")[0]
@@ -170,6 +182,42 @@ def test_augmentation_keeps_the_pair_and_its_ddf_consistent():
     unregistered = tf.abs(out["moving"] - out["fixed"]).numpy()[inner].mean()
     assert error < 0.1 * unregistered
     assert not np.allclose(out["ddf"], pair["ddf"], atol=0.5)  # the affines did change the DDF
+
+
+def test_field_of_view_cut_blanks_a_slab_of_the_lungs_in_images_and_labels():
+    pairs = [_pair(i, shape=(24, 12, 12)) for i in range(6)]
+    keys = ["moving", "fixed", "moving_label", "fixed_label", "ddf"]
+    batches = list(train.make_dataset(pairs, keys, 1, epoch=0, seed=0, scale=0.0, fov_cut=1.0))
+    order = np.random.default_rng([0, 0]).permutation(len(pairs))
+    for batch, i in zip(batches, order):
+        rows = np.flatnonzero(pairs[i]["fixed_label"].any(axis=(1, 2)))
+        kept = np.flatnonzero((batch["fixed"][0].numpy() != network.WINDOW[0]).any(axis=(1, 2)))
+        assert kept.size and np.all(np.diff(kept) == 1)  # one slab
+        assert rows[0] <= kept[0] and kept[-1] <= rows[-1]  # inside the lungs' extent
+        assert 0.4 * rows.size - 1 <= kept.size <= 0.8 * rows.size + 1
+        outside = np.ones(24, bool)
+        outside[kept[0] : kept[-1] + 1] = False
+        for key in ("moving", "fixed"):
+            np.testing.assert_array_equal(batch[key][0].numpy()[outside], network.WINDOW[0])
+            np.testing.assert_array_equal(batch[key][0].numpy()[~outside], pairs[i][key][~outside])
+        for key in ("moving_label", "fixed_label"):
+            assert not batch[key][0].numpy()[outside].any()
+        np.testing.assert_array_equal(batch["ddf"][0].numpy(), pairs[i]["ddf"])  # the truth is kept
+
+
+def test_intensity_augmentation_is_one_linear_change_per_pair():
+    pairs = [_pair(i) for i in range(4)]
+    plain = list(train.make_dataset(pairs, ["moving", "fixed"], 1, epoch=1, seed=3, scale=0.0))
+    changed = list(train.make_dataset(pairs, ["moving", "fixed"], 1, epoch=1, seed=3, scale=0.0, intensity=0.1))
+    gains = []
+    for before, after in zip(plain, changed):
+        x = np.concatenate([before[k].numpy().ravel() for k in ("moving", "fixed")])
+        y = np.concatenate([after[k].numpy().ravel() for k in ("moving", "fixed")])
+        gain, offset = np.polyfit(x, y, 1)  # both images of the pair: one line
+        np.testing.assert_allclose(y, gain * x + offset, atol=0.05)
+        assert abs(gain - 1) <= 0.1 + 1e-5 and abs(offset) <= 0.1 * (network.WINDOW[1] - network.WINDOW[0]) + 1e-3
+        gains.append(gain)
+    assert np.ptp(gains) > 1e-3  # the change differs between pairs
 
 
 def test_config_rejects_unknown_keys_and_resolves_mode_weights():
@@ -203,6 +251,21 @@ def test_train_command_checkpoints_and_resumes(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_training_can_start_from_a_saved_model(tmp_path):
+    pairs = [_pair(i) for i in range(2)]
+    start = network.RegistrationNetwork(**SMALL)
+    for weight in start.weights:  # non-zero everywhere, so that copying is visible
+        weight.assign(np.full(weight.shape, 0.01, np.float32))
+    network.save(start, tmp_path / "start", note="stage 1")
+    config = {"model": SMALL, "mode": "supervised", "init": str(tmp_path / "start"), "epochs": 0}
+    model, _ = train.train(config, output=tmp_path / "run", progress=False, pairs=pairs)
+    for a, b in zip(model.weights, start.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert network.load(tmp_path / "run" / "model").info["init"]["note"] == "stage 1"
+    with pytest.raises(ValueError, match="channels"):
+        train.train({**config, "model": {"channels": [4, 4]}}, output=tmp_path / "other", progress=False, pairs=pairs)
+
+
 def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(f"data: {{root: {tmp_path / 'nowhere'}}}\n")
@@ -220,3 +283,11 @@ def test_evaluate_reports_accuracy_and_speed():
     assert mean["tre_ratio"] == pytest.approx(1.0)
     assert mean["dice_after"] == pytest.approx(mean["dice_before"])
     assert mean["folding"] == 0.0 and mean["seconds"] > 0
+
+
+def test_evaluate_without_a_true_ddf_reports_dice_and_folding_only():
+    model = network.RegistrationNetwork(**SMALL)
+    pairs = [{k: v for k, v in _pair(i).items() if k != "ddf"} for i in (6, 7)]
+    mean = network.evaluate(model, pairs)["mean"]
+    assert "tre_mm" not in mean and "tre_ratio" not in mean
+    assert mean["dice_after"] == pytest.approx(mean["dice_before"]) and mean["folding"] == 0.0

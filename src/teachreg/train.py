@@ -10,7 +10,9 @@ augmented by random affines (`spatial.random_affine`), by default two independen
 DeepReg), one resampling the fixed side and one the moving side, which adds an affine motion
 between them; with `independent: false` one affine moves both, which changes the pose but keeps
 the motion. The ground-truth DDF is transformed to match exactly (see `augment`), so
-augmentation is valid in every mode, supervised included. After each epoch the
+augmentation is valid in every mode, supervised included. Optionally (see `make_dataset`) a
+pair's field of view is cut along D, as in scans that miss part of the lungs, and its
+intensities change by one random linear map, as between scanners. After each epoch the
 run writes a checkpoint (model, optimiser, epoch), TensorBoard scalars and a row of
 `history.csv`; started again with the same output folder it resumes from the latest checkpoint
 and gives the same result as an uninterrupted run. Mixed precision is used on a GPU, and a
@@ -48,8 +50,11 @@ DEFAULTS = {
     "batch_size": 1,  # per replica
     "learning_rate": 1e-3,
     "schedule": "constant",  # or "cosine": decays to 1 % of learning_rate over all the epochs' steps
-    # random_affine scale (0: off); independent: one affine per side (as DeepReg), else one per pair
-    "augmentation": {"scale": 0.05, "independent": True},
+    # scale: random_affine's scale (0: off); independent: one affine per side (as DeepReg), else one
+    # per pair; fov_cut: probability of cutting the field of view along D (see make_dataset);
+    # intensity: relative size of a random linear intensity change (0: off)
+    "augmentation": {"scale": 0.05, "independent": True, "fov_cut": 0.0, "intensity": 0.0},
+    "init": None,  # a model saved by network.save (its stem or .json) to start from, e.g. to fine-tune; None: random
     "seed": 0,
     "output": "runs/model",
     "mixed_precision": "auto",  # auto: on a GPU only; or true / false
@@ -151,12 +156,20 @@ def augment(sample: dict, fixed_affine, moving_affine) -> dict:
 
 
 def make_dataset(pairs: list[dict], keys, global_batch: int, epoch: int, seed: int, scale: float,
-                 independent: bool = True) -> tf.data.Dataset:
-    """One epoch of batches `{key: [global_batch, ...]}` (float32), order and affines drawn from (seed, epoch).
+                 independent: bool = True, fov_cut: float = 0.0, intensity: float = 0.0,
+                 window=network.WINDOW) -> tf.data.Dataset:
+    """One epoch of batches `{key: [global_batch, ...]}` (float32), order and augmentation drawn from (seed, epoch).
 
     pairs: dicts as `read_pairs` gives, all of one shape, with at least `keys`. The last
-    incomplete batch is dropped. `scale`: `spatial.random_affine`'s scale (0: no augmentation);
-    `independent`: a different affine for the fixed and the moving side, else the same one.
+    incomplete batch is dropped. Augmentation, applied in this order:
+    - `scale`: `spatial.random_affine`'s scale (0: none); `independent`: a different affine for
+      the fixed and the moving side, else the same one (see `augment`);
+    - `fov_cut`: the probability that a pair's field of view is cut along D (the scanner's axis)
+      to a slab of 40-80 % of the lungs' extent in the fixed label (the whole axis without
+      labels), as in scans that miss the lung base or apex: both images are set to `window[0]`
+      (air) outside the slab and both labels to 0; the DDF is kept;
+    - `intensity`: both images of a pair get one random linear change of intensity, `a * image + b`
+      with `|a - 1| <= intensity` and `|b| <= intensity * (window[1] - window[0])`, as between scanners.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pairs))
@@ -167,19 +180,42 @@ def make_dataset(pairs: list[dict], keys, global_batch: int, epoch: int, seed: i
             affines[1::2] = affines[0::2]
     else:
         affines = np.tile(np.eye(4, 3, dtype=np.float32), (2 * len(order), 1, 1))
+    slabs = np.tile(np.array([0, shape[0]], np.int32), (len(order), 1))
+    for j, i in enumerate(order):
+        if rng.random() < fov_cut:
+            label = pairs[i].get("fixed_label")
+            rows = np.flatnonzero(np.asarray(label).reshape(shape[0], -1).any(axis=1)) if label is not None else []
+            low, high = (rows[0], rows[-1] + 1) if len(rows) else (0, shape[0])
+            length = max(1, int(round(rng.uniform(0.4, 0.8) * (high - low))))
+            first = int(rng.integers(low, high - length + 1))
+            slabs[j] = first, first + length
+    width = float(window[1]) - float(window[0])
+    gains = (1 + rng.uniform(-intensity, intensity, len(order))).astype(np.float32)
+    offsets = (rng.uniform(-intensity, intensity, len(order)) * width).astype(np.float32)
 
     def generate():
         for j, i in enumerate(order):
-            yield {k: pairs[i][k] for k in keys}, affines[2 * j], affines[2 * j + 1]
+            yield {k: pairs[i][k] for k in keys}, affines[2 * j], affines[2 * j + 1], slabs[j], gains[j], offsets[j]
 
     # Arrays stay in their own dtype (int16 HU, uint8 labels) in memory and become float32 here.
     signature = ({k: tf.TensorSpec(np.shape(pairs[0][k]), tf.as_dtype(np.asarray(pairs[0][k]).dtype)) for k in keys},
-                 tf.TensorSpec([4, 3], tf.float32), tf.TensorSpec([4, 3], tf.float32))
+                 tf.TensorSpec([4, 3], tf.float32), tf.TensorSpec([4, 3], tf.float32), tf.TensorSpec([2], tf.int32),
+                 tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
 
-    def prepare(sample, fixed_affine, moving_affine):
+    def prepare(sample, fixed_affine, moving_affine, slab, gain, offset):
         sample = {k: tf.cast(v, tf.float32) for k, v in sample.items()}
-        return augment(sample, fixed_affine, moving_affine) if scale > 0 else sample
+        if scale > 0:
+            sample = augment(sample, fixed_affine, moving_affine)
+        depth = tf.range(shape[0])
+        inside = tf.reshape((depth >= slab[0]) & (depth < slab[1]), [-1, 1, 1])
+        for key in ("moving", "fixed"):
+            sample[key] = tf.where(inside, gain * sample[key] + offset, float(window[0]))
+        for key in ("moving_label", "fixed_label"):
+            if key in sample:
+                inside_label = tf.reshape(inside, [-1] + [1] * (sample[key].shape.rank - 1))
+                sample[key] = tf.where(inside_label, sample[key], 0.0)
+        return sample
 
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(global_batch, drop_remainder=True).prefetch(1)
@@ -267,6 +303,7 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
             model = network.RegistrationNetwork(**config["model"])
+            start_from = _initialise(model, config["init"])
             optimizer = keras.optimizers.Adam(_learning_rate(config, steps))
             if mixed:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -282,7 +319,8 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
         writer = tf.summary.create_file_writer(str(out / "logs" / "train"))
         for epoch in range(int(epoch_done.numpy()), config["epochs"]):
             start = time.perf_counter()
-            dataset = make_dataset(pairs, keys, global_batch, epoch, config["seed"], **config["augmentation"])
+            dataset = make_dataset(pairs, keys, global_batch, epoch, config["seed"], **config["augmentation"],
+                                   window=config["model"]["window"])
             sums: dict[str, float] = {}
             bar = tqdm(strategy.experimental_distribute_dataset(dataset), total=steps, disable=not progress,
                        desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", leave=False)
@@ -304,10 +342,27 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
         writer.flush()
         network.save(model, out / config["name"], config=config, device=colab.device_description(),
                      mixed_precision=mixed, replicas=strategy.num_replicas_in_sync, tensorflow=tf.__version__,
-                     seconds=float(sum(r["seconds"] for r in history)), history=history)
+                     seconds=float(sum(r["seconds"] for r in history)), history=history,
+                     **({"init": start_from} if start_from else {}))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return model, history
+
+
+def _initialise(model: network.RegistrationNetwork, path) -> dict | None:
+    """Copy the weights of the saved model at `path` (see `network.load`) into `model`; returns its record.
+
+    The record (the saved JSON: config, device, seconds, history...) goes into the new model's
+    JSON under "init", so a fine-tuned model keeps the history of the model it started from.
+    """
+    if not path:
+        return None
+    start = network.load(path)
+    if start.channels != model.channels:
+        raise ValueError(f"init {path}: its channels {list(start.channels)} differ from the config's "
+                         f"{list(model.channels)}; set model.channels to match.")
+    model.set_weights(start.get_weights())
+    return start.info
 
 
 def _train_step(model, optimizer, strategy: tf.distribute.Strategy, config: dict):
