@@ -306,8 +306,14 @@ def weights_folder():
 
 # --- evaluation -------------------------------------------------------------------------------
 
+CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", regulariser_weight=0.1, learning_rate=0.2,
+                 levels=3, steps=(100, 100, 50))
+"""`register.nonrigid`'s options for the classical registration the lung network is compared with
+(chapter 5 and `make bench`): chapter 4's optimiser with LNCC, a B-spline grid every 8 voxels and
+the diffusion regulariser; it sees no labels, as the network at inference."""
 
-def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0, classical_options=None) -> dict:
+
+def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0, classical_options=CLASSICAL) -> dict:
     """Accuracy and speed of `model` on `pairs`; a dict of per-pair figures and their means.
 
     pairs: dicts with "moving", "fixed" `[D, H, W]` (HU), "moving_label", "fixed_label" `[D, H, W]`
@@ -316,7 +322,7 @@ def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0
     `accuracy` and `seconds`, the wall time of `predict_ddf` for the pair (after one warm-up call).
     The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
     With `classical` > 0, the first `classical` pairs are also registered by `register.nonrigid`
-    (`classical_options`, default parameters otherwise; images only, no labels): keys `classical_*`.
+    (`classical_options`, by default `CLASSICAL`; images only, no labels): keys `classical_*`.
     """
     from teachreg import register
 
@@ -329,7 +335,7 @@ def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0
         row = {"name": pair.get("name", str(i)), "seconds": time.perf_counter() - start}
         row.update(accuracy(ddf, pair, step))
         if i < classical:
-            result = register.nonrigid(pair["moving"], pair["fixed"], **(classical_options or {}))
+            result = register.nonrigid(pair["moving"], pair["fixed"], **classical_options)
             row.update({f"classical_{k}": v for k, v in accuracy(result.ddf.numpy(), pair, step).items()})
             row["classical_seconds"] = result.seconds
         rows.append(row)
