@@ -291,3 +291,13 @@ def test_evaluate_without_a_true_ddf_reports_dice_and_folding_only():
     mean = network.evaluate(model, pairs)["mean"]
     assert "tre_mm" not in mean and "tre_ratio" not in mean
     assert mean["dice_after"] == pytest.approx(mean["dice_before"]) and mean["folding"] == 0.0
+
+
+def test_evaluate_compares_the_classical_optimiser_on_the_first_pairs():
+    model = network.RegistrationNetwork(**SMALL)
+    pairs = [_pair(8, shape=(16, 16, 16)), _pair(9, shape=(16, 16, 16))]
+    options = {**network.CLASSICAL, "grid_spacing": 4, "levels": 2, "steps": (40, 40)}
+    rows = network.evaluate(model, pairs, classical=1, classical_options=options)["pairs"]
+    assert rows[0]["classical_tre_mm"] < 0.8 * rows[0]["initial_mm"] and rows[0]["classical_seconds"] > 0
+    assert rows[0]["classical_dice_after"] > rows[0]["classical_dice_before"]
+    assert not any(key.startswith("classical") for key in rows[1])

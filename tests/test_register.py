@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from teachreg import metrics, register, spatial
+from teachreg import losses, metrics, register, spatial
 
 
 def blobs(shape=(24, 32, 32), seed=0):
@@ -87,3 +87,16 @@ def test_label_term_drives_label_overlap_up():
     before = metrics.dice(moving_label > 0.5, fixed_label > 0.5)
     after = metrics.dice(result.warp(moving_label) >= 0.5, fixed_label > 0.5)
     assert after > before + 0.1, f"Dice {before:.3f} -> {after:.3f}"
+
+
+def test_nonrigid_calls_of_one_size_share_compiled_steps_but_not_their_arguments():
+    # The compiled objective is kept between calls; the images and weights must still be each call's own.
+    moving = blobs(shape=(16, 16, 16), seed=7)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.5, seed=8)).numpy()[0]
+    options = dict(transform="bspline", grid_spacing=4.0, levels=2, steps=15)
+    first, again = (register.nonrigid(moving, fixed, **options) for _ in range(2))
+    np.testing.assert_array_equal(first.ddf.numpy(), again.ddf.numpy())
+    stiffer = register.nonrigid(moving, fixed, regulariser_weight=100.0, **options)
+    swapped = register.nonrigid(fixed, moving, **options)
+    assert losses.bending_energy_loss(stiffer.ddf) < 0.5 * losses.bending_energy_loss(first.ddf)  # the weight counted
+    assert not np.allclose(swapped.ddf.numpy(), first.ddf.numpy(), atol=0.1)

@@ -6,6 +6,7 @@ maps the fixed grid into the moving image, so `result.warp(moving)` resembles `f
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -246,7 +247,7 @@ def nonrigid(
     if (moving_label is None) != (fixed_label is None):
         raise ValueError("give both moving_label and fixed_label, or neither.")
     moving_t, fixed_t = _pair(moving, fixed, window="each")
-    loss_fn, regulariser_fn = _image_loss(loss), REGULARISERS[regulariser]
+    _image_loss(loss)  # checks the name
     steps = _per_level(steps, levels)
     shape = tuple(fixed_t.shape[1:4])
     labels = None if moving_label is None else _label_pair(moving_label, fixed_label, shape)
@@ -278,12 +279,14 @@ def nonrigid(
         else:
             bases = None
             params = tf.Variable(tf.zeros([1, *level_shape, 3]) if params is None else spatial.resize_ddf(params, level_shape))
-        to_ddf = _ddf_maker(transform, bases)
+        to_ddf = functools.partial(_to_ddf, transform, bases=bases)
         optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
-        step_fn = _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, labels is not None)
+        loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None)
         recent: list[float] = []
         for step in range(steps[level]):
-            value = float(step_fn(moving_l, fixed_l, mlabel_l, flabel_l, *weights))
+            value, grads = loss_and_grads(tf.convert_to_tensor(params), bases, moving_l, fixed_l, mlabel_l, flabel_l, *weights)
+            optimizer.apply([grads], [params])
+            value = float(value)
             result.history.append(value)
             result.levels.append(level)
             recent.append(value)
@@ -297,22 +300,29 @@ def nonrigid(
     return result
 
 
-def _ddf_maker(transform: str, bases):
-    """The function from the optimised parameters to a DDF at the current level."""
+def _to_ddf(transform: str, params, bases=None) -> tf.Tensor:
+    """The DDF `[1, D, H, W, 3]` at the current level from the optimised parameters (`bases`: B-spline only)."""
     if transform == "bspline":
-        return lambda params: spatial.bspline_to_ddf(params, bases)
+        return spatial.bspline_to_ddf(params, bases)
     if transform == "svf":
-        return lambda params: spatial.svf_to_ddf(params, steps=5)
-    return lambda params: tf.convert_to_tensor(params)
+        return spatial.svf_to_ddf(params, steps=5)
+    return tf.convert_to_tensor(params)
 
 
-def _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, use_labels: bool):
-    """One compiled Adam step of the nonrigid objective; returns the objective before the step."""
+@functools.cache
+def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_labels: bool):
+    """The nonrigid objective and its gradient with respect to the parameters, compiled by XLA.
+
+    One function per combination of options, kept for the session: a later registration with
+    the same options and image size reuses the compiled code instead of compiling it again.
+    """
+    loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], REGULARISERS[regulariser]
 
     @tf.function(jit_compile=True)
-    def loss_and_grads(moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight):
+    def loss_and_grads(params, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight):
         with tf.GradientTape() as tape:
-            ddf = to_ddf(params)
+            tape.watch(params)
+            ddf = _to_ddf(transform, params, bases)
             grid = spatial.reference_grid_like(fixed)[None]
             warped = spatial.resample(moving, grid + ddf)
             value = loss_fn(fixed, warped, mask=spatial.inside(grid + ddf, tf.shape(moving)[1:4]))
@@ -321,12 +331,7 @@ def _nonrigid_step(loss_fn, regulariser_fn, to_ddf, params, optimizer, use_label
                 value += label_weight * losses.dice_loss(fixed_label, spatial.resample(moving_label, grid + ddf))
         return value, tape.gradient(value, params)
 
-    def step(*args):
-        value, grads = loss_and_grads(*args)
-        optimizer.apply([grads], [params])
-        return value
-
-    return step
+    return loss_and_grads
 
 
 def _label_pair(moving_label, fixed_label, shape) -> tuple[tf.Tensor, tf.Tensor]:
