@@ -214,5 +214,8 @@ def test_ch05_another_pair_and_supervision(tmp_path):
     assert results["classical_tre_mm"] < 0.6 * results["pair_initial_mm"], results
     assert results["classical_folding"] < 0.001
     assert results["seconds_per_pair"] < 1 and results["speedup"] > 20, results
+    # the same short optimisation gets further started from the network than from zero, and improves on the network
+    assert results["short_network_tre_mm"] < min(results["short_zero_tre_mm"], results["mean_tre_mm"]), results
+    assert results["short_network_dice_after"] > results["mean_dice_after"], results
     # two epochs of supervised training lower the training loss (the DDF's end-point error, voxels)
     assert results["train_loss_last_epoch"] < results["train_loss_first_epoch"], results
