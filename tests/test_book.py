@@ -314,6 +314,7 @@ def test_first_cell_setup_reports_versions_and_device(capsys):
     assert capsys.readouterr().out.strip() == line
     assert line.startswith("teachreg ") and "TensorFlow " in line and "(local)" in line
     assert "GPU: " in line or "no GPU, CPU: " in line
+    assert all(len(part) <= 76 for part in line.splitlines())  # the rendered book cuts longer output lines
     assert not colab.on_colab() and not colab.enable_colab_widgets()
 
 

@@ -7,8 +7,8 @@ The first code cell of a chapter installs `teachreg` when it runs on Colab, then
     colab.setup()
 
 On Colab it turns on Colab's widget manager for ipywidgets 8 (the sliders of the interactive
-figures); everywhere it prints one line: the versions, and the GPU TensorFlow will use, or that
-it runs on the CPU (every chapter is sized to run on a laptop CPU in a few minutes).
+figures); everywhere it prints two short lines: the versions, and the GPU TensorFlow will use, or
+that it runs on the CPU (every chapter is sized to run on a laptop CPU in a few minutes).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def device_description() -> str:
 
 
 def summary() -> str:
-    """One line: teachreg, TensorFlow and Python versions, where this runs, and the GPU or CPU."""
+    """Two lines, each short enough for the book's code column: the teachreg, TensorFlow and Python
+    versions and where this runs; then the GPU or the CPU."""
     import tensorflow as tf
 
     try:
@@ -49,7 +50,7 @@ def summary() -> str:
     if device.startswith("CPU"):
         device = f"no GPU, {device} (enough for every chapter)"
     where = "Colab" if on_colab() else "local"
-    return f"teachreg {version}, TensorFlow {tf.__version__}, Python {python} ({where}); {device}"
+    return f"teachreg {version}, TensorFlow {tf.__version__}, Python {python} ({where})\n{device}"
 
 
 def enable_colab_widgets() -> bool:
