@@ -29,6 +29,7 @@ from notebook_tools import BOOK, CHAPTERS, SANITIZE, non_finite, chapter_paths, 
 
 MAX_BYTES = 2 * 2**20  # a chapter notebook, outputs included
 MAX_SECONDS = 180  # a chapter's run with default-sized parameters (2-core CPU)
+CODE_COLUMN = 76  # characters of a printed line that the rendered book shows without scrolling
 LABELS = ("spinal_cord", "brainstem")
 
 chapter_ids = sorted(CHAPTERS)
@@ -109,6 +110,16 @@ def test_every_figure_has_alt_text(name):
         if any("image/png" in o.get("data", {}) for o in cell.outputs):
             alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
             assert len(alt) > 20, f"code cell {i} shows a figure without alt text in metadata mystnb.image.alt"
+
+
+@pytest.mark.parametrize("name", chapter_ids)
+def test_printed_lines_fit_the_books_code_column(name):
+    nb = read(chapter(name))
+    for i, cell in enumerate(code_cells(nb)[:-1]):  # the last cell, `results`, is JSON for the tests
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.name == "stdout":
+                for line in output.text.splitlines():
+                    assert len(line) <= CODE_COLUMN, f"code cell {i} prints {len(line)} characters: {line[:60]}..."
 
 
 def test_citations_are_in_the_bibliography():
