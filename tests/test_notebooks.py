@@ -29,7 +29,7 @@ from notebook_tools import BOOK, CHAPTERS, SANITIZE, non_finite, chapter_paths, 
 
 MAX_BYTES = 2 * 2**20  # a chapter notebook, outputs included
 MAX_SECONDS = 180  # a chapter's run with default-sized parameters (2-core CPU)
-CODE_COLUMN = 76  # characters of a printed line that the rendered book shows without scrolling
+CODE_COLUMN = 76  # characters of a code or printed line that the rendered book shows without scrolling
 LABELS = ("spinal_cord", "brainstem")
 
 chapter_ids = sorted(CHAPTERS)
@@ -120,6 +120,13 @@ def test_printed_lines_fit_the_books_code_column(name):
             if output.output_type == "stream" and output.name == "stdout":
                 for line in output.text.splitlines():
                     assert len(line) <= CODE_COLUMN, f"code cell {i} prints {len(line)} characters: {line[:60]}..."
+
+
+@pytest.mark.parametrize("name", chapter_ids)
+def test_code_lines_fit_the_books_code_column(name):
+    for i, cell in enumerate(code_cells(read(chapter(name)))):
+        for n, line in enumerate(cell.source.splitlines(), 1):
+            assert len(line) <= CODE_COLUMN, f"code cell {i}, line {n}: {len(line)} characters: {line[:60]}..."
 
 
 def test_citations_are_in_the_bibliography():

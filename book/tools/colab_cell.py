@@ -5,7 +5,7 @@ in a local JupyterLab:
 
     import sys
     if "google.colab" in sys.modules:  # on Colab: install teachreg, pinned
-        %pip install --quiet "teachreg @ git+<repository>@<reference>"
+        %pip install --quiet git+<repository>@<reference>
     from teachreg import colab
     colab.setup()  # widgets on in Colab; prints the versions and the GPU or CPU
 
@@ -52,7 +52,7 @@ def setup_lines(url: str, ref: str) -> list[str]:
     return [
         "import sys",
         'if "google.colab" in sys.modules:  # on Colab: install teachreg, pinned',
-        f'    %pip install --quiet "teachreg @ git+{url}@{ref}"',
+        f"    %pip install --quiet git+{url}@{ref}",  # pip's VCS form: fits the book's 76 columns
         "from teachreg import colab",
         "colab.setup()  # widgets on in Colab; prints the versions and the GPU or CPU",
     ]
