@@ -90,15 +90,14 @@ def missing_data(path: Path) -> str | None:
 
 
 def stored_results(nb) -> dict:
-    """The dict printed by the cell tagged `results` (its last line of stdout)."""
+    """The dict printed by the cell tagged `results` (its stdout: one JSON object)."""
     cells = tagged(nb, "results")
     if len(cells) != 1:
         raise AssertionError(f"expected one cell tagged 'results', found {len(cells)}")
     text = "".join(o.get("text", "") for o in cells[0].get("outputs", []) if o.get("name") == "stdout")
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+    if not text.strip():
         raise AssertionError("the 'results' cell printed nothing (was the notebook executed?)")
-    results = json.loads(lines[-1])
+    results = json.loads(text)
     if not isinstance(results, dict):
         raise AssertionError(f"the 'results' cell printed {type(results).__name__}, not a dict")
     return results

@@ -193,6 +193,9 @@ async () => {
     texErrors: [...document.querySelectorAll("mjx-merror")].map(e => e.textContent.slice(0, 80)),
     prose: prose.join(" "),
     outputs: [...article.querySelectorAll(".cell_output")].map(o => o.innerText).join("\n"),
+    // code and printed text wider than its column scrolls sideways: the longest line of each such block
+    wide: [...article.querySelectorAll("pre")].filter(p => p.scrollWidth > p.clientWidth + 1)
+      .map(p => p.textContent.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "").trim().slice(0, 60)),
     widgetScripts: document.querySelectorAll('script[type^="application/vnd.jupyter.widget"]').length,
     widgetNotes: notes.length,
     notesAfterPicture: notes.filter(n => {
@@ -276,6 +279,8 @@ def test_page_in_a_browser(page, browser, site, screenshots):
         problems.append(f"{report['widgetNotes']} widget notes for {expected} widgets in the notebook")
     if report["notesAfterPicture"] != report["widgetNotes"]:
         problems.append("a widget note does not follow the picture of its default state")
+    # code and outputs fit their column
+    problems += [f"a code block is wider than its column, it scrolls sideways: {line!r}..." for line in report["wide"]]
     # one heading hierarchy
     if report["h1"] != 1:
         problems.append(f"{report['h1']} h1 headings (one per page)")

@@ -13,8 +13,8 @@ Conventions as in `teachreg.spatial`: images `[batch, D, H, W]` (here in Hounsfi
 `warped(x) = moving(x + ddf(x))`.
 
 >>> model = load_pretrained("lung_ct")
->>> ddf = model.predict_ddf(moving, fixed)          # NumPy [batch, D, H, W, 3], voxels
->>> warped = model.warp(moving, ddf)                # NumPy [batch, D, H, W]
+>>> ddf = model.predict_ddf(moving, fixed)  # [batch, D, H, W, 3], voxels
+>>> warped = model.warp(moving, ddf)        # [batch, D, H, W]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The course's data: a manifest of public files, a verified download cache, and loaders.
 
 >>> from teachreg import data
->>> vol = data.load("hnct")          # Volume: image [z, y, x] in HU, spacing in mm
->>> paths = data.fetch("hnct")       # {"hnct/demo.h5": Path(...)} in the per-user cache
+>>> vol = data.load("hnct")     # Volume: image [z, y, x] (HU), spacing (mm)
+>>> paths = data.fetch("hnct")  # {"hnct/demo.h5": Path(...)}, in the cache
 """
 
 from .fetch import (
