@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests and CI read data from the offline mirror beside the repository when there is one.
 export TEACHREG_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: course test bench clean
+.PHONY: course test bench generalisation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)  ## the whole test suite (pytest exit 5, "no tests collected", co
 
 bench: $(STAMP)  ## speed figures as JSON
 	$(PY) benchmarks/bench.py
+
+generalisation: $(STAMP)  ## the lung network on CTs and motions crossed between its splits (about 12 min)
+	$(PY) benchmarks/generalisation.py
 
 clean:
 	rm -rf $(VENV) book/_build .pytest_cache
