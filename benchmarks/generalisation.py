@@ -23,17 +23,18 @@ from teachreg.data import load, lung
 STATES = {"expiration": "inspiration", "inspiration": "expiration"}
 
 
-def motions() -> list[tuple[str, lung.Motion]]:
-    """(split, motion) for every patient's masks, one motion from each breathing state."""
+def motions() -> list[tuple[str, str, lung.Motion]]:
+    """(split, patient, motion) for every patient's masks, one motion from each breathing state."""
     found = []
     for split, cases in lung.MOTIONS.items():
         for mask_split, case in cases:
             masks = load("lung_masks", case=case, split=mask_split)
             volume = {"expiration": masks.moving, "inspiration": masks.fixed}
+            patient = f"l2r_case{case:03d}"
             for state, other in STATES.items():
-                name = f"l2r_case{case:03d}_{state[:3]}2{other[:3]}"
+                name = f"{patient}_{state[:3]}2{other[:3]}"
                 motion = lung.estimate_motion(volume[state], volume[other], name, state)
-                found.append((split, motion))
+                found.append((split, patient, motion))
     return found
 
 
@@ -43,7 +44,7 @@ def crossed(model) -> list[dict]:
     all_motions = motions()
     for ct, loader, state, ct_split in lung.CTS:
         source = lung.prepare_ct(loader(), state, ct)
-        for motion_split, motion in all_motions:
+        for motion_split, patient, motion in all_motions:
             if motion.source != state:
                 continue
             arrays, _ = lung.make_pair(source, motion, f"{ct}/{motion.name}")
@@ -55,7 +56,7 @@ def crossed(model) -> list[dict]:
             ddf = model.predict_ddf(pair["moving"], pair["fixed"])
             row = network.accuracy(ddf, pair, lung.SPACING)
             row.update(ct=ct, ct_split=ct_split, motion=motion.name,
-                       patient=motion.name[:11], motion_split=motion_split)
+                       patient=patient, motion_split=motion_split)
             rows.append(row)
             print(f"{ct:14s} {motion.name:20s} "
                   f"TRE {row['tre_mm']:5.2f} of {row['initial_mm']:5.2f} mm", flush=True)
