@@ -20,21 +20,15 @@ import numpy as np
 from teachreg import network
 from teachreg.data import load, lung
 
-STATES = {"expiration": "inspiration", "inspiration": "expiration"}
-
 
 def motions() -> list[tuple[str, str, lung.Motion]]:
     """(split, patient, motion) for every patient's masks, one motion from each breathing state."""
     found = []
     for split, cases in lung.MOTIONS.items():
         for mask_split, case in cases:
-            masks = load("lung_masks", case=case, split=mask_split)
-            volume = {"expiration": masks.moving, "inspiration": masks.fixed}
             patient = f"l2r_case{case:03d}"
-            for state, other in STATES.items():
-                name = f"{patient}_{state[:3]}2{other[:3]}"
-                motion = lung.estimate_motion(volume[state], volume[other], name, state)
-                found.append((split, patient, motion))
+            masks = load("lung_masks", case=case, split=mask_split)
+            found += [(split, patient, m) for m in lung.breathing_motions(masks, patient)]
     return found
 
 

@@ -301,6 +301,17 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
     return Motion(name, source, ddf, origin, src_lo, src_hi, fixed > 0.5, stats)
 
 
+def breathing_motions(masks: Pair, name: str, states=("expiration", "inspiration"), grid=GRID,
+                      spacing=SPACING) -> list[Motion]:
+    """One patient's motions (``estimate_motion``) from its lung masks, ``masks.moving`` at
+    expiration and ``masks.fixed`` at inspiration: one from each of ``states`` to the other,
+    named ``{name}_exp2ins`` and ``{name}_ins2exp``."""
+    volumes = {"expiration": masks.moving, "inspiration": masks.fixed}
+    other = {"expiration": "inspiration", "inspiration": "expiration"}
+    return [estimate_motion(volumes[state], volumes[other[state]], f"{name}_{state[:3]}2{other[state][:3]}",
+                            state, grid, spacing) for state in states]
+
+
 def _jacobian(ddf: np.ndarray) -> np.ndarray:
     from teachreg import spatial
 
@@ -520,15 +531,11 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
     for name, loader, state in cts:
         sources.append(prepare_ct(loader(), state, name, spacing))
         bar.update()
+    states = [state for state in ("expiration", "inspiration") if any(s.state == state for s in sources)]
     estimated = []
     for name, loader in motions:
-        pair = loader()
-        for source, target, src_vol, tgt_vol in (("expiration", "inspiration", pair.moving, pair.fixed),
-                                                  ("inspiration", "expiration", pair.fixed, pair.moving)):
-            if any(s.state == source for s in sources):
-                estimated.append(estimate_motion(src_vol, tgt_vol, f"{name}_{source[:3]}2{target[:3]}",
-                                                 source, grid, spacing))
-            bar.update()
+        estimated += breathing_motions(loader(), name, states, grid, spacing)
+        bar.update(2)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
         for kind in ("moving_images", "fixed_images", "moving_labels", "fixed_labels", "ddfs"):
