@@ -44,6 +44,17 @@ def test_result_warp_keeps_the_callers_layout():
         result.warp(np.zeros((3, 4, 5)))
 
 
+def test_affine_calls_of_one_size_share_compiled_steps_but_not_their_images():
+    # The compiled objective is kept between calls (one per loss); each call still fits its own pair.
+    fixed = blobs(shape=(16, 16, 16), seed=9)
+    for shift in (1.5, -1.5):  # moving(x) = fixed(x + shift), so the DDF that undoes it is -shift
+        moving = spatial.warp(fixed[None], np.full((1, 16, 16, 16, 3), [0.0, shift, 0.0], np.float32)).numpy()[0]
+        first, again = (register.affine(moving, fixed, levels=2, steps=40, learning_rate=0.05) for _ in range(2))
+        np.testing.assert_array_equal(first.affine.numpy(), again.affine.numpy())
+        recovered = first.ddf.numpy()[0, 8, 8, 8]
+        np.testing.assert_allclose(recovered, [0.0, -shift, 0.0], atol=0.25)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"loss": "nope"}, "loss must be one of"), ({"steps": (1, 2)}, "steps must be"), ({}, "same shape")],

@@ -93,28 +93,12 @@ def affine(
     every level, 0 by default because smoothing the finest level biases the fit. Returns a `Result` with `.affine` and `.ddf`.
     """
     moving_t, fixed_t = _pair(moving, fixed)
-    loss_fn = _image_loss(loss)
+    _image_loss(loss)  # checks the name
     steps = _per_level(steps, levels)
     shape = fixed_t.shape[1:4]
     matrix = tf.Variable(tf.eye(3), name="matrix")
     translation = tf.Variable(tf.zeros(3), name="translation")
-
-    def to_affine(half: np.ndarray) -> tf.Tensor:
-        """The `[1, 4, 3]` affine on the voxels of a grid of half-size `half` (its centre)."""
-        # x -> half + half * (matrix @ ((x - half) / half) + translation), in row-vector form
-        linear = tf.linalg.diag(1 / half) @ tf.transpose(matrix) @ tf.linalg.diag(half)
-        offset = half + half * translation - tf.linalg.matvec(tf.transpose(linear), half)
-        return tf.concat([linear, offset[None]], axis=0)[None]
-
-    @tf.function(jit_compile=True)
-    def loss_and_grads(moving_l, fixed_l, half):
-        # Images come in as arguments, not captured constants, so XLA does not try to fold them.
-        with tf.GradientTape() as tape:
-            grid = spatial.reference_grid_like(fixed_l)
-            coordinates = spatial.warp_grid(grid, to_affine(half))
-            warped = spatial.resample(moving_l, coordinates)
-            value = loss_fn(fixed_l, warped, mask=spatial.inside(coordinates, tf.shape(moving_l)[1:4]))
-        return value, tape.gradient(value, [matrix, translation])
+    loss_and_grads = _affine_loss_and_grads(loss)
 
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     # One Adam and one decaying rate across all levels: a finer level goes on from where the
@@ -124,15 +108,50 @@ def affine(
     for level, (moving_l, fixed_l) in enumerate(_pyramid(moving_t, fixed_t, levels, smoothing)):
         half = tf.constant(_half_size(fixed_l))
         for step in range(steps[level]):
-            value, grads = loss_and_grads(moving_l, fixed_l, half)
+            value, grads = loss_and_grads(tf.convert_to_tensor(matrix), tf.convert_to_tensor(translation),
+                                          moving_l, fixed_l, half)
             optimizer.apply(grads, [matrix, translation])
             result.history.append(float(value))
             result.levels.append(level)
             paused += _notify(callback, level, step, float(value))
     result.seconds = time.perf_counter() - start - paused
-    result.affine = to_affine(_half_size(fixed_t))
+    result.affine = _centred_affine(matrix, translation, _half_size(fixed_t))
     result.ddf = spatial.affine_to_ddf(result.affine, shape)
     return result
+
+
+def _centred_affine(matrix, translation, half) -> tf.Tensor:
+    """The `[1, 4, 3]` affine on the voxels of a grid of half-size `half` (its centre, voxels).
+
+    `matrix` `[3, 3]` and `translation` `[3]` act in the frame centred on the grid and scaled to
+    its half-size: x -> half + half * (matrix @ ((x - half) / half) + translation).
+    """
+    linear = tf.linalg.diag(1 / half) @ tf.transpose(matrix) @ tf.linalg.diag(half)
+    offset = half + half * translation - tf.linalg.matvec(tf.transpose(linear), half)
+    return tf.concat([linear, offset[None]], axis=0)[None]
+
+
+@functools.cache
+def _affine_loss_and_grads(loss: str):
+    """The affine objective and its gradient with respect to (matrix, translation), compiled by XLA.
+
+    One function per loss, kept for the session, as `_nonrigid_loss_and_grads`: a later
+    registration with the same loss and image size reuses the compiled code.
+    """
+    loss_fn = losses.IMAGE_LOSSES[loss]
+
+    @tf.function(jit_compile=True)
+    def loss_and_grads(matrix, translation, moving, fixed, half):
+        # Images come in as arguments, not captured constants, so XLA does not try to fold them.
+        with tf.GradientTape() as tape:
+            tape.watch([matrix, translation])
+            grid = spatial.reference_grid_like(fixed)
+            coordinates = spatial.warp_grid(grid, _centred_affine(matrix, translation, half))
+            warped = spatial.resample(moving, coordinates)
+            value = loss_fn(fixed, warped, mask=spatial.inside(coordinates, tf.shape(moving)[1:4]))
+        return value, tape.gradient(value, [matrix, translation])
+
+    return loss_and_grads
 
 
 def _notify(callback: Callback | None, level: int, step: int, value: float) -> float:
