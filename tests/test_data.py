@@ -7,12 +7,15 @@ the repository root), downloads from a server on 127.0.0.1, and any other connec
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import http.server
 import importlib
 import os
 import socket
+import stat
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +376,195 @@ def test_cli_list_fetch_verify(mirrored, capsys):
         assert name in out
     assert any(line.startswith("hnct ") and " yes " in line for line in out.splitlines())
     assert cli.main(["data", "verify"]) == 0
+
+
+# --- reliability --------------------------------------------------------------------------------
+
+loaders_mod = importlib.import_module("teachreg.data.loaders")
+
+
+def write_ct_slice(path: Path, series_uid: str, description: str, z: float) -> None:
+    """A 4x4 CT slice at height ``z`` mm of series ``series_uid``, saved as a DICOM file."""
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SeriesInstanceUID, ds.SeriesDescription = series_uid, description
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, z]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.full((4, 4), 1000 + z, np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def dicom_folder(folder: Path, series: dict[str, tuple[str, list[float]]]) -> list[Path]:
+    """Slices of each series {uid: (description, heights)} interleaved in one folder, + a README."""
+    folder.mkdir()
+    for uid, (description, heights) in series.items():
+        for z in heights:
+            write_ct_slice(folder / f"IM{z * 10:04.0f}.dcm", uid, description, z)
+    (folder / "README.txt").write_text("exported from the PACS\n")
+    return sorted(folder.iterdir())
+
+
+def test_dicom_folder_with_two_series_is_refused(tmp_path):
+    paths = dicom_folder(tmp_path / "ct", {
+        "1.2.3.1": ("CHEST 3mm", [0.0, 3.0, 6.0]),
+        "1.2.3.2": ("CHEST 1.5mm", [1.5, 4.5, 7.5, 10.5]),
+    })
+    with pytest.warns(UserWarning, match="README.txt"):
+        with pytest.raises(data.DataError) as err:
+            loaders_mod._dicom_zyx(paths)
+    message = str(err.value)
+    for needed in (str(tmp_path / "ct"), "2 DICOM series", "1.2.3.1", "CHEST 3mm", "3 slices",
+                   "1.2.3.2", "CHEST 1.5mm", "4 slices", "a folder of its own"):
+        assert needed in message
+    assert "uneven" not in message
+
+
+def test_dicom_folder_skips_files_that_are_not_dicom(tmp_path):
+    paths = dicom_folder(tmp_path / "ct", {"1.2.3.1": ("CHEST 3mm", [6.0, 0.0, 3.0])})
+    with pytest.warns(UserWarning, match=r"ct: skipped 1 file\(s\) .*: README\.txt$"):
+        image, spacing = loaders_mod._dicom_zyx(paths)
+    assert image.shape == (3, 4, 4) and spacing == pytest.approx((3.0, 0.5, 0.5))
+    assert image[:, 0, 0].tolist() == [1000 - 1024, 1003 - 1024, 1006 - 1024]  # sorted by z
+
+
+def cut_off(monkeypatch, exc: BaseException) -> list[list[Path]]:
+    """HTTP downloads get half the body, then ``exc`` (a full disk, Ctrl-C) is raised.
+
+    Returns a list that gets the cache's files as they were when ``exc`` was raised.
+    """
+    import requests
+
+    seen: list[list[Path]] = []
+
+    def iter_content(self, chunk_size=1, decode_unicode=False):
+        yield GOOD[: len(GOOD) // 2]
+        seen.append(cache_files())
+        raise exc
+
+    monkeypatch.setattr(requests.models.Response, "iter_content", iter_content)
+    return seen
+
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def assert_disk_full_message(message: str) -> None:
+    for needed in ("disk is full", str(data.data_dir() / "tiny"), "Free", "TEACHREG_DATA_DIR"):
+        assert needed in message
+    assert "network" not in message
+
+
+def test_disk_full_with_a_directory_mirror(tiny, closed_url, tmp_path, monkeypatch):
+    tiny(closed_url)
+    mirror = tmp_path / "mirror"
+    (mirror / "sha256").mkdir(parents=True)
+    (mirror / "sha256" / GOOD_SHA).write_bytes(GOOD)
+    monkeypatch.setenv("TEACHREG_DATA_MIRROR", str(mirror))
+    seen = []
+
+    def copyfileobj(src, dst, length=0):
+        dst.write(src.read(1000))
+        dst.flush()
+        seen.append(cache_files())
+        raise disk_full()
+
+    monkeypatch.setattr(fetch_mod.shutil, "copyfileobj", copyfileobj)
+    with pytest.raises(data.CacheError) as err:
+        data.fetch("tiny")
+    assert_disk_full_message(str(err.value))
+    assert len(seen[0]) == 1 and cache_files() == []  # the partial file was removed
+
+
+def test_disk_full_with_a_url_mirror(tiny, server, monkeypatch, capsys):
+    tiny(f"{server}/good")
+    monkeypatch.setenv("TEACHREG_DATA_MIRROR", f"{server}/mirror/")
+    seen = cut_off(monkeypatch, disk_full())
+    assert cli.main(["data", "fetch", "tiny"]) == 1
+    assert_disk_full_message(capsys.readouterr().err)
+    assert len(seen) == 1 and len(seen[0]) == 1 and cache_files() == []
+
+
+def test_interrupted_fetch(tiny, server, monkeypatch, capsys):
+    tiny(f"{server}/good")
+    seen = cut_off(monkeypatch, KeyboardInterrupt())
+    assert cli.main(["data", "fetch", "tiny"]) == 130
+    err = capsys.readouterr().err  # after the download's progress bar
+    assert err.endswith("teachreg: interrupted\n") and "Traceback" not in err
+    assert len(seen[0]) == 1 and cache_files() == []  # the partial download was removed
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_cached_files_get_the_umask_permissions(tiny, server, tmp_path, monkeypatch, umask):
+    tiny(f"{server}/good")
+    mirror = tmp_path / "mirror"
+    (mirror / "sha256").mkdir(parents=True)
+    (mirror / "sha256" / GOOD_SHA).write_bytes(GOOD)
+    old = os.umask(umask)
+    try:
+        downloaded = data.fetch("tiny")["tiny/file.bin"]
+        mode_downloaded = stat.S_IMODE(downloaded.stat().st_mode)
+        downloaded.unlink()
+        monkeypatch.setenv("TEACHREG_DATA_MIRROR", str(mirror))
+        copied = data.fetch("tiny")["tiny/file.bin"]
+        mode_copied = stat.S_IMODE(copied.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode_downloaded == mode_copied == 0o666 & ~umask
+
+
+def test_verify_removes_leftover_temporary_files(tiny, server, capsys):
+    tiny(f"{server}/good")
+    path = data.fetch("tiny")["tiny/file.bin"]
+    folder = path.parent
+    hour_ago = time.time() - 3600
+    leftovers = [folder / ".file.bin.0123456789abcdef.part", folder / "tmpa1b2_c3d"]
+    others = [folder / "tmp_notes.txt", folder / "notes.part", folder / "tmpabc"]
+    in_progress = folder / ".file.bin.fedcba9876543210.part"  # another process is downloading
+    for p in leftovers + others + [in_progress]:
+        p.write_bytes(b"partial")
+    for p in leftovers + others:
+        os.utime(p, (hour_ago, hour_ago))
+    assert cli.main(["data", "verify", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for p in leftovers:
+        assert f"removed {p}" in out and not p.exists()
+    for p in others + [in_progress]:
+        assert str(p) not in out and p.exists()
+    assert "all cached files match" in out
+
+
+def test_directory_in_place_of_a_cached_file(tiny, server, capsys):
+    tiny(f"{server}/good")
+    path = data.data_dir() / "tiny" / "file.bin"
+    (path / "inside").mkdir(parents=True)
+    assert data.verify(["tiny"]) == [path]
+    assert cli.main(["data", "verify", "tiny"]) == 1
+    assert f"BAD {path}: a directory" in capsys.readouterr().out
+    with pytest.raises(data.CacheError, match="directory") as err:
+        data.fetch("tiny")
+    assert str(path) in str(err.value) and "TEACHREG_DATA_DIR" in str(err.value)
+    assert (path / "inside").is_dir()  # not deleted
+
+
+def test_verify_says_what_is_not_cached(tiny, server, capsys):
+    tiny(f"{server}/good")
+    assert cli.main(["data", "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing is cached" in out and str(data.data_dir()) in out
+    assert "match" not in out
+    data.fetch("tiny")
+    assert cli.main(["data", "verify", "tiny", "hnct"]) == 0
+    out = capsys.readouterr().out
+    assert "not cached: hnct" in out and "tiny" not in out.split("not cached")[1]
+    assert "all cached files match" in out

@@ -32,14 +32,24 @@ def _data_fetch(args: argparse.Namespace) -> int:
 
 
 def _data_verify(args: argparse.Namespace) -> int:
+    for path in data.remove_leftovers(args.names or None):
+        print(f"removed {path} (the temporary file of an interrupted download)")
     bad = data.verify(args.names or None)
     for path in bad:
-        print(f"BAD {path}")
+        if path.is_dir():
+            print(f"BAD {path}: a directory where a cached file should be; move it away or delete it")
+        else:
+            print(f"BAD {path}: does not match its SHA-256; `teachreg data fetch` downloads it again")
     if bad:
-        print(f"{len(bad)} cached file(s) do not match their SHA-256; "
-              "`teachreg data fetch` downloads them again.")
         return 1
-    print(f"all cached files match their SHA-256 ({data.data_dir()})")
+    names = args.names or list(data.manifest())
+    missing = [name for name in names if not data.is_cached(name)]
+    if args.names and missing:
+        print(f"not cached: {', '.join(missing)} (`teachreg data fetch NAME` downloads a dataset)")
+    if not args.names and len(missing) == len(names):
+        print(f"nothing is cached in {data.data_dir()}; `teachreg data fetch NAME` downloads a dataset")
+    elif len(missing) < len(names):
+        print(f"all cached files match their SHA-256 ({data.data_dir()})")
     return 0
 
 
@@ -147,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except data.DataError as err:
         print(f"teachreg: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("teachreg: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .fetch import (
     is_cached,
     manifest,
     manifest_markdown,
+    remove_leftovers,
     verify,
 )
 from .loaders import Pair, Volume, load
@@ -45,5 +46,6 @@ __all__ = [
     "load_paired",
     "manifest",
     "manifest_markdown",
+    "remove_leftovers",
     "verify",
 ]

@@ -8,17 +8,22 @@ Environment variables:
   as ``sha256/<hex digest>`` or a base URL (then ``BASE/sha256/<hex digest>`` is downloaded).
 
 Every file is checked against its SHA-256 before it lands in the cache (writes are atomic: a
-temporary file in the cache directory, then ``os.replace``), and a cached file is re-hashed the
-first time a process uses it, so a truncated or corrupted file is downloaded again.
+temporary file ``.NAME.<16 hex digits>.part`` next to it, then ``os.replace``), and a cached file
+is re-hashed the first time a process uses it, so a truncated or corrupted file is downloaded
+again. Cached files get the permissions the umask allows, so a cache can be shared.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,6 +34,11 @@ import yaml
 DATA_DIR_ENV = "TEACHREG_DATA_DIR"
 MIRROR_ENV = "TEACHREG_DATA_MIRROR"
 TIMEOUT_S = 60
+# Temporary files of interrupted downloads: ours, and those of teachreg versions that downloaded
+# with pooch.retrieve (tempfile's names). A download in progress writes at least every TIMEOUT_S,
+# so one untouched for _STALE_S was interrupted.
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.part|tmp[a-z0-9_]{8}")
+_STALE_S = 10 * TIMEOUT_S
 
 
 class DataError(Exception):
@@ -139,19 +149,27 @@ def _is_valid(path: Path, entry: FileEntry) -> bool:
     return True
 
 
-def _copy_verified(src: Path, dest: Path, entry: FileEntry) -> bool:
-    """Copy a mirror file to ``dest`` atomically if its digest matches; False if it does not."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+def _write_verified(dest: Path, entry: FileEntry, write) -> bool:
+    """Put ``entry`` at ``dest`` with ``write(file)`` if its digest matches; False if it does not.
+
+    ``write`` fills a temporary file next to ``dest``, which is removed whatever happens (an
+    error, Ctrl-C); created by open(), it has the permissions the umask allows.
+    """
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-        if _sha256(Path(tmp)) != entry.sha256:
+        with open(tmp, "xb") as out:
+            write(out)
+        if _sha256(tmp) != entry.sha256:
             return False
         os.replace(tmp, dest)
+        return True
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return True
+        tmp.unlink(missing_ok=True)
+
+
+def _copy(src: Path, out) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
 
 
 def _download(entry: FileEntry, dest: Path, progressbar: bool) -> None:
@@ -165,23 +183,19 @@ def _download(entry: FileEntry, dest: Path, progressbar: bool) -> None:
         src = Path(mirror) / "sha256" / entry.sha256
         if not src.is_file():
             failures.append((str(src), DownloadError, "not in the mirror directory"))
-        elif _copy_verified(src, dest, entry):
+        elif _write_verified(dest, entry, lambda out: _copy(src, out)):
             return
         else:
             failures.append((str(src), ChecksumError, "SHA-256 mismatch in the mirror"))
+    downloader = pooch.HTTPDownloader(progressbar=progressbar, timeout=TIMEOUT_S)
     for url in urls:
         try:
-            pooch.retrieve(
-                url,
-                known_hash=f"sha256:{entry.sha256}",
-                fname=dest.name,
-                path=dest.parent,
-                downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=TIMEOUT_S),
-            )
-            return
-        except ValueError as err:  # pooch: hash mismatch (the download was discarded)
-            failures.append((url, ChecksumError, err))
+            if _write_verified(dest, entry, lambda out: downloader(url, out, None)):
+                return
+            failures.append((url, ChecksumError, "SHA-256 mismatch"))
         except OSError as err:  # requests' errors are OSErrors: no network, HTTP error, cut off
+            if err.errno == errno.ENOSPC:
+                raise
             failures.append((url, DownloadError, err))
     tried = "\n".join(f"  {source}: {err}" for source, _, err in failures)
     if any(kind is ChecksumError for _, kind, _ in failures):
@@ -203,6 +217,12 @@ def fetch_file(entry: FileEntry, *, progressbar: bool = False) -> Path:
     dest = data_dir() / entry.name
     if _is_valid(dest, entry):
         return dest
+    if dest.is_dir():
+        raise CacheError(
+            f"{dest} is a directory, where the cached file {entry.name} should be (teachreg did "
+            f"not create it). Move it away or delete it, or set {DATA_DIR_ENV} to another "
+            "directory."
+        )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=dest.parent).close()
@@ -211,7 +231,16 @@ def fetch_file(entry: FileEntry, *, progressbar: bool = False) -> Path:
             f"cannot write the data cache directory {dest.parent}: {err}. "
             f"Set {DATA_DIR_ENV} to a writable directory."
         ) from err
-    _download(entry, dest, progressbar)
+    try:
+        _download(entry, dest, progressbar)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise CacheError(
+            f"the disk is full: no space left for {entry.name} ({_mib(entry.size)}) in the data "
+            f"cache directory {dest.parent}; nothing was kept. Free some space there, or set "
+            f"{DATA_DIR_ENV} to a directory on a disk with room."
+        ) from err
     _verified[dest] = _stat_key(dest)
     return dest
 
@@ -234,20 +263,47 @@ def is_cached(name: str) -> bool:
     )
 
 
+def _files(names: list[str] | None) -> list[FileEntry]:
+    """The files of datasets ``names`` (default: all)."""
+    datasets = [dataset(n) for n in names] if names else manifest().values()
+    return [f for ds in datasets for f in ds.files]
+
+
 def verify(names: list[str] | None = None) -> list[Path]:
     """Re-hash the cached files of ``names`` (default: all datasets); return the bad ones.
 
-    Files not in the cache are skipped; a bad file stays in place until ``fetch`` replaces it.
+    Bad: a file whose SHA-256 differs, or a directory where a cached file should be. Files not
+    in the cache are skipped; a bad file stays in place until ``fetch`` replaces it.
     """
     root = data_dir()
     bad = []
-    for ds in [dataset(n) for n in names] if names else manifest().values():
-        for f in ds.files:
-            path = root / f.name
-            _verified.pop(path, None)
-            if path.is_file() and not _is_valid(path, f):
-                bad.append(path)
+    for f in _files(names):
+        path = root / f.name
+        _verified.pop(path, None)
+        if path.exists() and not _is_valid(path, f):
+            bad.append(path)
     return bad
+
+
+def remove_leftovers(names: list[str] | None = None) -> list[Path]:
+    """Remove the temporary files that interrupted downloads left in the cache; return them.
+
+    Only in the cache directories of ``names`` (default: all datasets), only files named as the
+    fetcher names its temporary files, and only those untouched for 10 minutes (younger ones
+    may belong to a download in progress).
+    """
+    folders = {(data_dir() / f.name).parent for f in _files(names)}
+    removed = []
+    for folder in sorted(p for p in folders if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            if (
+                _TEMP_NAME.fullmatch(path.name)
+                and path.is_file()
+                and time.time() - path.stat().st_mtime > _STALE_S
+            ):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _mib(nbytes: int) -> str:

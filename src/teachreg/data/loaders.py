@@ -11,6 +11,7 @@ slice with z running inferior to superior; their left-right direction is not kno
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,52 @@ def _nrrd_zyx(path: Path) -> tuple[np.ndarray, tuple]:
     return _lps_zyx(array, affine)
 
 
+def _dicom_series(paths: list[Path]) -> list[pydicom.Dataset]:
+    """The slices of the one DICOM image series among ``paths`` (the files of one folder).
+
+    Files that are not DICOM images (a README, a DICOMDIR) are skipped with a warning that
+    names them; DataError if there is no series, or several (listed).
+    """
+    folder = paths[0].parent if paths else "an empty folder"
+    series: dict[str, list[pydicom.Dataset]] = {}
+    skipped = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            ds = None
+        if ds is None or "PixelData" not in ds:
+            skipped.append(path.name)
+        else:
+            series.setdefault(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)"), []).append(ds)
+    if skipped:
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} file(s) that are not DICOM images: "
+            f"{', '.join(skipped)}",
+            stacklevel=3,
+        )
+    if not series:
+        raise DataError(f"{folder}: no DICOM image files; give a folder of one CT series' slices")
+    if len(series) > 1:
+        found = "".join(
+            f"\n  {uid} {slices[0].get('SeriesDescription', '')!r}: {len(slices)} slices"
+            for uid, slices in series.items()
+        )
+        raise DataError(
+            f"{folder}: {len(series)} DICOM series (a volume is read from exactly one):{found}\n"
+            "Put the files of each series (SeriesInstanceUID) in a folder of its own and read "
+            "that folder."
+        )
+    return next(iter(series.values()))
+
+
 def _dicom_zyx(paths: list[Path]) -> tuple[np.ndarray, tuple]:
-    """A DICOM CT series as float32 HU [z, y, x] (S, P, L) with its spacing in mm.
+    """The DICOM CT series among ``paths`` as float32 HU [z, y, x] (S, P, L), spacing in mm.
 
     Slices are sorted by position along the slice normal; values are rescaled with
     RescaleSlope/Intercept; spacing comes from PixelSpacing and the slice positions.
     """
-    slices = [pydicom.dcmread(p) for p in paths]
+    slices = _dicom_series(paths)
     orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
