@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from teachreg import cli, network, spatial, train
 
@@ -301,3 +303,115 @@ def test_evaluate_compares_the_classical_optimiser_on_the_first_pairs():
     assert rows[0]["classical_tre_mm"] < 0.8 * rows[0]["initial_mm"] and rows[0]["classical_seconds"] > 0
     assert rows[0]["classical_dice_after"] > rows[0]["classical_dice_before"]
     assert not any(key.startswith("classical") for key in rows[1])
+
+
+# --- reliability of training ---
+
+
+def _tiny_config(path: Path, data: Path, **settings) -> Path:
+    """A small training config at `path` (JSON is YAML) on the dataset at `data`, updated by `settings`."""
+    path.write_text(json.dumps({"name": "tiny", "data": {"root": str(data)}, "model": SMALL, "mode": "supervised",
+                                "augmentation": {"scale": 0.0}, **settings}))
+    return path
+
+
+def test_resuming_refuses_another_config_and_restart_always_works(tmp_path, capsys):
+    _write_dataset(tmp_path / "data", count=2)
+    first = _tiny_config(tmp_path / "first.yaml", tmp_path / "data")
+    other = _tiny_config(tmp_path / "other.yaml", tmp_path / "data", mode="unsupervised", learning_rate=1e-4,
+                         name="other")
+    out = tmp_path / "run"
+    run = ["--output", str(out), "--epochs", "1", "--quiet"]
+    assert cli.main(["train", str(first), *run]) == 0
+    saved = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli.main(["train", str(other), *run]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("teachreg: error:") and "Traceback" not in err
+    for fragment in ("mode", "'supervised'", "'unsupervised'", "learning_rate", "name", "--restart", "--output"):
+        assert fragment in err
+    assert (out / "config.yaml").read_text() == saved  # nothing was overwritten
+    assert not (out / "other.json").exists()
+    wider = _tiny_config(tmp_path / "wider.yaml", tmp_path / "data", model={"channels": [4, 4]})
+    assert cli.main(["train", str(wider), *run]) == 1
+    assert "model.channels" in capsys.readouterr().err and (out / "config.yaml").read_text() == saved
+    # --restart starts afresh whatever the folder holds: another run's checkpoints, a corrupt history.
+    assert cli.main(["train", str(other), *run, "--restart"]) == 0
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1"] and "ddf" not in rows[0] and rows[0]["image"]
+    assert network.load(out / "other").info["config"]["mode"] == "unsupervised"
+    (out / "history.csv").write_text("epoch,total\n1,\n2,oops\n")
+    assert cli.main(["train", str(first), *run, "--restart"]) == 0
+    assert network.load(out / "tiny").info["config"]["mode"] == "supervised"
+    assert cli.main(["train", str(first), "--output", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert len(network.load(out / "tiny").info["history"]) == 2
+
+
+def test_config_and_history_are_replaced_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = {"model": SMALL, "epochs": 1, "augmentation": {"scale": 0.0}}
+    train.train(config, output=out, progress=False, pairs=[_pair(0)])
+    replace = os.replace
+    for name in ("config.yaml", "history.csv"):
+        before = (out / name).read_bytes()
+
+        def interrupted(source, target):
+            if Path(target).name == name:
+                raise KeyboardInterrupt  # as if killed just before the swap
+            replace(source, target)
+
+        monkeypatch.setattr(train.os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train.train({**config, "epochs": 3}, output=out, progress=False, pairs=[_pair(0)])
+        assert (out / name).read_bytes() == before
+
+
+def test_training_refuses_pairs_with_non_finite_values(tmp_path, capsys):
+    pairs = [_pair(0), _pair(1)]
+    pairs[1]["moving"][2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"pair 'case_001'.*'moving'.*1 non-finite"):
+        train.train({"model": SMALL}, output=tmp_path / "given", progress=False, pairs=pairs)
+    _write_dataset(tmp_path / "data", count=2)
+    ddf = tmp_path / "data" / "train" / "ddfs" / "case_000.nii.gz"
+    image = nib.load(str(ddf))
+    broken = np.asarray(image.dataobj).copy()
+    broken[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(broken, image.affine), str(ddf))
+    config = _tiny_config(tmp_path / "config.yaml", tmp_path / "data")
+    assert cli.main(["train", str(config), "--output", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pair 'case_000'" in err and "'ddf'" in err and str(tmp_path / "data" / "train") in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mixed_precision: 'false'\n", "mixed_precision must be true, false or 'auto', got 'false'"),
+    ("epochs: '3'\n", "epochs must be an integer >= 0, got '3'"),
+    ("batch_size: 0\n", "batch_size must be an integer >= 1, got 0"),
+    ("image_loss: foo\n", "image_loss must be one of ['lncc', 'mi', 'ncc', 'ssd'], got 'foo'"),
+    ("learning_rate: fast\n", "learning_rate must be a number > 0, got 'fast'"),
+    ("augmentation: {independent: 'no'}\n", "augmentation.independent must be true or false, got 'no'"),
+    ("model: {channels: [4, 0]}\n",
+     "model.channels must be a list of integers >= 1 (the channels of each encoder level), got [4, 0]"),
+    ("epochs: [3\n", "is not valid YAML"),
+    ("- epochs: 3\n", "must be a mapping of config keys to values"),
+])
+def test_train_command_reports_a_wrong_config_value(tmp_path, capsys, text, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data: {{root: {tmp_path / 'nowhere'}}}\n" + text if text[0] != "-" else text)
+    assert cli.main(["train", str(config), "--output", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("teachreg: error:") and "Traceback" not in err
+    assert expected in err
+
+
+def test_config_converts_float_strings_and_checks_types():
+    config = train.load_config(yaml.safe_load("learning_rate: 1e-3\naugmentation: {scale: 5e-2}\n"))
+    assert config["learning_rate"] == 0.001 and config["augmentation"]["scale"] == 0.05
+    assert train.load_config({"mixed_precision": False})["mixed_precision"] is False
+    assert train.load_config({"model": {"window": (-1000, 500)}})["model"]["window"] == [-1000.0, 500.0]
+    with pytest.raises(ValueError, match="weights.label must be a number >= 0, got 'x'"):
+        train.load_config({"weights": {"label": "x"}})
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got True"):
+        train.load_config({"seed": True})

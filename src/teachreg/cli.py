@@ -97,7 +97,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="training config (see teachreg.train.DEFAULTS)")
     parser.add_argument("--output", metavar="DIR", help="output folder (default: the config's)")
     parser.add_argument("--epochs", type=int, metavar="N", help="total epochs (default: the config's)")
-    parser.add_argument("--restart", action="store_true", help="ignore checkpoints in the output folder")
+    parser.add_argument("--restart", action="store_true",
+                        help="start afresh: delete the output folder's checkpoints and history")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.set_defaults(func=_train)
 

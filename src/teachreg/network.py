@@ -38,6 +38,9 @@ WINDOW = (-1000.0, 500.0)
 LOSS_TERMS = ("image", "label", "ddf", "regulariser")
 """The terms of the training objective, each with its own weight (see `registration_losses`)."""
 
+DDF_LOSSES = ("mse", "epe")
+"""The kinds of `ddf_loss`."""
+
 PRETRAINED = {"lung_ct": "lung_ct"}
 """Pretrained models shipped in `teachreg/weights/`: name -> file stem (`.weights.h5` + `.json`)."""
 

@@ -14,16 +14,22 @@ augmentation is valid in every mode, supervised included. Optionally (see `make_
 pair's field of view is cut along D, as in scans that miss part of the lungs, and its
 intensities change by one random linear map, as between scanners. After each epoch the
 run writes a checkpoint (model, optimiser, epoch), TensorBoard scalars and a row of
-`history.csv`; started again with the same output folder it resumes from the latest checkpoint
-and gives the same result as an uninterrupted run. Mixed precision is used on a GPU, and a
-`tf.distribute.MirroredStrategy` when there are several (`batch_size` is per replica).
+`history.csv`; started again with the same output folder and config (`epochs` may grow) it
+resumes from the latest checkpoint and gives the same result as an uninterrupted run. Mixed
+precision is used on a GPU, and a `tf.distribute.MirroredStrategy` when there are several
+(`batch_size` is per replica).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
+import math
+import numbers
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +40,8 @@ import yaml
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from teachreg import colab, network, spatial
+from teachreg import colab, losses, network, spatial
+from teachreg.register import REGULARISERS
 
 DEFAULTS = {
     "name": "model",  # the saved model is OUTPUT/NAME.weights.h5 + OUTPUT/NAME.json
@@ -70,33 +77,109 @@ MODES = {
 }
 """Each training mode's default loss weights (see `network.registration_losses`); `weights` overrides them."""
 
+CHOICES = {"mode": MODES, "image_loss": losses.IMAGE_LOSSES, "regulariser": REGULARISERS, "ddf_loss": network.DDF_LOSSES,
+           "schedule": ("constant", "cosine"), "strategy": ("auto", "default", "mirrored")}
+"""The names each naming config key accepts."""
+
+RESUMABLE = ("epochs", "output")
+"""The config keys that may differ from those of the checkpoints a run resumes (see `train`)."""
+
 
 def load_config(config=None, **overrides) -> dict:
     """The full config: `DEFAULTS` updated by `config` (a YAML path or a dict), then by `overrides`.
 
-    Unknown keys raise a `ValueError`; the mode's weights are resolved into `"weights"`.
+    Every value is checked against its default's type (and `CHOICES`): a wrong key or value
+    raises a `ValueError` naming it. Numbers written as `1e-3` (a string in YAML 1.1) become
+    floats; the mode's weights are resolved into `"weights"`.
     """
+    source = "the config"
     if isinstance(config, (str, Path)):
-        config = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        source = str(config)
+        try:
+            config = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"{source} is not valid YAML: {err}") from None
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"{source} must be a mapping of config keys to values (`key: value` lines, see "
+                         f"teachreg.train.DEFAULTS), got a {type(config).__name__}.")
     merged = copy.deepcopy(DEFAULTS)
-    for source in (config or {}, overrides):
-        for key, value in source.items():
+    for values in (config or {}, overrides):
+        for key, value in values.items():
             if key not in DEFAULTS:
                 raise ValueError(f"unknown config key {key!r}; known keys: {sorted(DEFAULTS)}.")
-            if isinstance(DEFAULTS[key], dict) and key != "weights":
-                unknown = set(value or {}) - set(DEFAULTS[key])
+            if not isinstance(DEFAULTS[key], dict):
+                merged[key] = _checked(key, value, DEFAULTS[key])
+                continue
+            if not isinstance(value or {}, dict):
+                raise ValueError(f"{key} must be a mapping (`{key}: {{name: value, ...}}`), got {value!r}.")
+            if key == "weights":
+                unknown = set(value or {}) - set(network.LOSS_TERMS)
                 if unknown:
-                    raise ValueError(f"unknown key(s) {sorted(unknown)} in {key!r}; known: {sorted(DEFAULTS[key])}.")
-                merged[key].update(value or {})
-            else:
-                merged[key] = copy.deepcopy(value)
-    if merged["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {merged['mode']!r}.")
-    unknown = set(merged["weights"]) - set(network.LOSS_TERMS)
-    if unknown:
-        raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; the terms are {list(network.LOSS_TERMS)}.")
-    merged["weights"] = {**MODES[merged["mode"]], **{k: float(v) for k, v in merged["weights"].items()}}
+                    raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; "
+                                     f"the terms are {list(network.LOSS_TERMS)}.")
+                merged[key] = {k: _checked(f"weights.{k}", v, 0.0) for k, v in (value or {}).items()}
+                continue
+            unknown = set(value or {}) - set(DEFAULTS[key])
+            if unknown:
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in {key!r}; known: {sorted(DEFAULTS[key])}.")
+            merged[key].update({k: _checked(f"{key}.{k}", v, DEFAULTS[key][k]) for k, v in (value or {}).items()})
+    merged["weights"] = {**MODES[merged["mode"]], **merged["weights"]}
     return merged
+
+
+def _float(value) -> float | None:
+    """`value` as a finite float, also from a string such as "1e-3" (YAML 1.1 reads it so); else None."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _checked(key: str, value, default):
+    """`value` of the config key `key` ("model.channels" when nested), checked against `default`'s type; returns it.
+
+    Floats come back as floats, lists as lists, paths as strings. Raises a `ValueError` naming
+    the key, the value and what it must be.
+    """
+    if key in CHOICES:
+        ok, expected = isinstance(value, str) and value in CHOICES[key], f"one of {sorted(CHOICES[key])}"
+    elif key == "mixed_precision":
+        ok, expected = isinstance(value, bool) or value == "auto", "true, false or 'auto'"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        low = 1 if key == "batch_size" else 0
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+        expected = f"an integer >= {low}"
+        value = int(value) if ok else value
+    elif isinstance(default, float):
+        number = _float(value)
+        if key == "learning_rate":
+            ok, expected = number is not None and number > 0, "a number > 0"
+        elif key == "augmentation.fov_cut":
+            ok, expected = number is not None and 0 <= number <= 1, "a number in [0, 1] (a probability)"
+        else:
+            ok, expected = number is not None and number >= 0, "a number >= 0"
+        value = number if ok else value
+    elif key == "model.channels":
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 1 for c in value)
+        expected = "a list of integers >= 1 (the channels of each encoder level)"
+        value = [int(c) for c in value] if ok else value
+    elif key == "model.window":
+        window = [_float(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else [None]
+        ok, expected = None not in window and window[0] < window[1], "[low, high], two numbers with low < high"
+        value = window if ok else value
+    else:  # a name, a folder or a file; data.root and init may be null
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        ok = (isinstance(value, str) and value != "") or (default is None and value is None)
+        expected = "a non-empty string" + (" or null" if default is None else "")
+    if not ok:
+        raise ValueError(f"{key} must be {expected}, got {value!r}.")
+    return value
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -235,36 +318,80 @@ def _learning_rate(config: dict, steps_per_epoch: int):
     """
     if config["schedule"] == "constant":
         return config["learning_rate"]
-    if config["schedule"] == "cosine":
-        return keras.optimizers.schedules.CosineDecay(config["learning_rate"], config["epochs"] * steps_per_epoch,
-                                                      alpha=0.01)
-    raise ValueError(f"schedule must be 'constant' or 'cosine', got {config['schedule']!r}.")
+    return keras.optimizers.schedules.CosineDecay(config["learning_rate"], config["epochs"] * steps_per_epoch,
+                                                  alpha=0.01)
 
 
 def _strategy(choice: str) -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
     if choice == "mirrored" or (choice == "auto" and len(gpus) > 1):
         return tf.distribute.MirroredStrategy()
-    if choice in ("auto", "default"):
-        return tf.distribute.get_strategy()
-    raise ValueError(f"strategy must be 'auto', 'default' or 'mirrored', got {choice!r}.")
+    return tf.distribute.get_strategy()
+
+
+_AFRESH = "start afresh with --restart (train(resume=False)), which deletes its checkpoints, or choose another --output"
+
+
+def _check_resumable(out: Path, config: dict) -> None:
+    """Refuse to resume the checkpoints in `out` with a config that differs from theirs (`out/config.yaml`).
+
+    Only the keys in `RESUMABLE` may differ.
+    """
+    try:
+        saved = load_config(out / "config.yaml")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{out} holds checkpoints, but their config cannot be read ({err}); {_AFRESH}.") from None
+
+    def flat(values: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in values.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return items
+
+    old, new = flat(saved), flat(config)
+    changes = [f"{key} {old[key]!r} -> {new[key]!r}" for key in new if old[key] != new[key] and key not in RESUMABLE]
+    if changes:
+        raise ValueError(f"{out} holds the checkpoints of a run with another config ({out / 'config.yaml'}): "
+                         f"{', '.join(changes)}; to resume it, use its config; else {_AFRESH}.")
+
+
+def _check_finite(pairs: list[dict], keys, where: str) -> None:
+    """Raise a `ValueError` naming the first pair whose arrays `keys` hold NaN or infinity (`where`: their files)."""
+    for i, pair in enumerate(pairs):
+        for key in keys:
+            bad = np.size(pair[key]) - np.count_nonzero(np.isfinite(pair[key]))
+            if bad:
+                raise ValueError(f"training pair {pair.get('name', i)!r}: {key!r} has {bad} non-finite value(s) "
+                                 f"(NaN or inf){where}; replace them with finite values or leave the pair out.")
 
 
 def _read_history(path: Path, last_epoch: int) -> list[dict]:
     """The rows of `history.csv` up to `last_epoch` (later rows belong to an interrupted run)."""
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return [r for r in rows if r["epoch"] <= last_epoch]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [r for r in rows if r["epoch"] <= last_epoch]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); {_AFRESH}.") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` by a temporary file and `os.replace`, so that `path` is never half written."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, text.getvalue())
 
 
 def train(config=None, output=None, epochs: int | None = None, resume: bool = True, progress: bool = True,
@@ -275,19 +402,34 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     full config used), `checkpoints/`, TensorBoard `logs/`, `history.csv` (one row per epoch:
     mean loss terms and seconds) and, at the end, `NAME.weights.h5` + `NAME.json` (`network.save`,
     with the config, device, total seconds and the history). With `resume`, training continues
-    from the latest checkpoint in `output`; run with more `epochs` to train further.
-    `pairs` (from `read_pairs`) skips reading the data from disk.
+    from the latest checkpoint in `output`, which must come from the same config but for
+    `RESUMABLE` (else a `ValueError` says what differs); run with more `epochs` to train further.
+    Without `resume`, the checkpoints and history in `output` are deleted first. `pairs` (from
+    `read_pairs`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
     """
     config = load_config(config, **({"output": str(output)} if output else {}),
-                         **({"epochs": int(epochs)} if epochs is not None else {}))
+                         **({"epochs": epochs} if epochs is not None else {}))
     out = Path(config["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    resuming = resume and tf.train.latest_checkpoint(str(out / "checkpoints")) is not None
+    if resuming:
+        _check_resumable(out, config)
     weights = config["weights"]
     labels = bool(weights["label"]) or (bool(weights["ddf"]) and config["ddf_outside_weight"] < 1)
     keys = ["moving", "fixed"] + (["moving_label", "fixed_label"] if labels else []) + (["ddf"] if weights["ddf"] else [])
+    where = ""
     if pairs is None:
-        pairs = read_pairs(config["data"]["root"], config["data"]["split"], labels=labels, ddfs=bool(weights["ddf"]))
+        from teachreg.data import data_dir
+
+        root, split = config["data"]["root"], config["data"]["split"]
+        pairs = read_pairs(root, split, labels=labels, ddfs=bool(weights["ddf"]))
+        where = f", in its files in {Path(root or data_dir() / 'lung_ct') / split}"
+    _check_finite(pairs, keys, where)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        if (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        (out / "history.csv").unlink(missing_ok=True)
+    _write_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     keras.utils.set_random_seed(config["seed"])
     strategy = _strategy(config["strategy"])
@@ -312,9 +454,9 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
         # Keras 3 models are not tf.train trackables: their weights are checkpointed as a list.
         checkpoint = tf.train.Checkpoint(weights=list(model.weights), optimizer=optimizer, epoch=epoch_done)
         manager = tf.train.CheckpointManager(checkpoint, out / "checkpoints", max_to_keep=2)
-        if resume and manager.latest_checkpoint:
+        if resuming:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        history = _read_history(out / "history.csv", int(epoch_done.numpy()))
+        history = _read_history(out / "history.csv", int(epoch_done.numpy())) if resuming else []
         train_step = _train_step(model, optimizer, strategy, config)
         writer = tf.summary.create_file_writer(str(out / "logs" / "train"))
         for epoch in range(int(epoch_done.numpy()), config["epochs"]):
