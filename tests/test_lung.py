@@ -8,6 +8,9 @@ tests that need data are skipped.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -161,3 +164,147 @@ def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
 def test_missing_pairs_say_how_to_build(tmp_path):
     with pytest.raises(data.DataError, match="build-lung"):
         lung.load_paired(tmp_path, "test")
+
+
+# --- reliability ---
+
+
+def _cli_build(out: Path, ct, masks, *extra: str) -> int:
+    return cli.main(["data", "build-lung", "--out", str(out), "--ct", str(ct), "--masks", *map(str, masks),
+                     *TINY, *extra])
+
+
+def _files(folder: Path) -> dict:
+    """The bytes of every file under ``folder``, keyed by relative path."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_refuses_to_replace_a_split_folder_it_did_not_make(tmp_path, inputs, capsys):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "mine.py").write_text("keep")
+    assert _cli_build(tmp_path, *inputs) == 1
+    assert (tmp_path / "test" / "mine.py").read_text() == "keep"
+    assert _files(tmp_path / "test") == {Path("mine.py"): b"keep"}
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'test'} was not made by" in error and "--out" in error
+
+
+@pytest.fixture
+def small_dataset(monkeypatch, inputs):
+    """``build``'s own dataset made small: CIP ct-64 (lungs segmented) with Learn2Reg case 12's motion,
+    in each split."""
+    ct, masks = inputs
+    monkeypatch.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
+    monkeypatch.setenv("TEACHREG_DATA_DIR", str(Path(masks[0]).parents[3]))
+    monkeypatch.setattr(lung, "CTS", tuple((f"ct64_{split}", lambda: lung._read_user_volume(Path(ct)), "inspiration",
+                                            split) for split in ("train", "test")))
+    monkeypatch.setattr(lung, "MOTIONS", {split: (("test", 12),) for split in ("train", "test")})
+
+
+def test_other_parameters_rebuild_only_the_splits_asked_for(tmp_path, small_dataset):
+    small = dict(grid=(52, 50, 48), spacing=(7.0, 5.0, 7.0), progress=False)
+    lung.build(tmp_path, seed=0, **small)
+    train, test = _files(tmp_path / "train"), _files(tmp_path / "test")
+    assert Path(".teachreg-split") in train and len(train) == 6
+
+    lung.build(tmp_path, splits=("test",), seed=1, **small)
+    assert _files(tmp_path / "train") == train  # not asked for: untouched
+    rebuilt = _files(tmp_path / "test")
+    assert rebuilt.keys() == test.keys() and rebuilt != test  # other grid shifts
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert record["splits"]["train"]["parameters"]["seed"] == 0 and record["splits"]["test"]["parameters"]["seed"] == 1
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "train").rglob("*")}
+    lung.build(tmp_path, splits=("train",), seed=0, **small)  # still valid at its own parameters: skipped
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train").rglob("*")} == stamps
+
+    with pytest.raises(data.DataError, match="do not fit in the grid"):
+        lung.build(tmp_path, splits=("test",), seed=2, grid=(10, 50, 48), spacing=(7.0, 5.0, 7.0), progress=False)
+    assert _files(tmp_path / "test") == rebuilt and _files(tmp_path / "train") == train
+    assert json.loads((tmp_path / "build.json").read_text()) == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.json", "test", "train"]  # no temporary left
+
+    lung.build(tmp_path, splits=("test",), seed=0, force=True, **small)  # its own split: replaced
+    assert _files(tmp_path / "test") == test and _files(tmp_path / "train") == train
+
+
+def test_refuses_a_ct_without_plausible_lungs(tmp_path, inputs, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
+        mp.setenv("TEACHREG_DATA_DIR", str(Path(inputs[1][0]).parents[3]))
+        head = data.load("hnct")
+    path = tmp_path / "head_and_neck.nii.gz"
+    lung._write_nifti(path, head.image.astype(np.int16), head.spacing)
+    assert _cli_build(tmp_path / "out", path, inputs[1]) == 1
+    error = capsys.readouterr().err
+    assert f"{path}: no plausible lungs" in error and "0.9" in error and "chest CT" in error
+    assert not (tmp_path / "out" / "test").exists()
+
+
+@pytest.mark.parametrize("name", [name for name, _, _, _ in lung.CTS])
+def test_the_builders_chest_cts_have_plausible_lungs(inputs, name):
+    (loader, state) = next((loader, state) for n, loader, state, _ in lung.CTS if n == name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
+        mp.setenv("TEACHREG_DATA_DIR", str(Path(inputs[1][0]).parents[3]))
+        source = lung.prepare_ct(loader(), state, name)
+    litres, hu = lung.check_lungs(source, name)
+    assert lung.LUNG_LITRES[0] < litres < lung.LUNG_LITRES[1] and lung.LUNG_HU[0] < hu < lung.LUNG_HU[1]
+
+
+@pytest.mark.parametrize("which", ["ct", "mask"])
+def test_non_finite_inputs_are_refused(tmp_path, inputs, capsys, which):
+    ct, masks = Path(inputs[0]), [Path(m) for m in inputs[1]]
+    if which == "ct":
+        volume = lung._read_user_volume(ct)
+        volume.image[40, 30, 30] = np.nan
+        bad = ct = tmp_path / "ct_with_nan.nii.gz"
+        lung._write_nifti(bad, volume.image, volume.spacing)
+    else:
+        stored = nib.load(masks[0])
+        array = np.asarray(stored.dataobj, np.float32)
+        array[90, 90, 100] = np.inf
+        bad = masks[0] = tmp_path / "mask_with_inf.nii.gz"
+        nib.save(nib.Nifti1Image(array, stored.affine), bad)
+    assert _cli_build(tmp_path / "out", ct, masks) == 1
+    assert f"{bad}: 1 voxel is not finite" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "test").exists()
+
+
+@pytest.mark.parametrize("given", [["--masks", "exp.nii.gz", "insp.nii.gz"], ["--ct", "ct.nii.gz"]])
+def test_ct_and_masks_go_together(tmp_path, monkeypatch, capsys, given):
+    def build(**kwargs):
+        raise AssertionError(f"build called with {kwargs}")
+
+    monkeypatch.setattr(lung, "build", build)
+    assert cli.main(["data", "build-lung", "--out", str(tmp_path / "out"), *given]) == 2
+    error = capsys.readouterr().err
+    assert f"{given[0]} needs {'--ct' if given[0] == '--masks' else '--masks'}" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_folders_follow_the_umask(tmp_path, inputs):
+    previous = os.umask(0o002)
+    try:
+        lung.build(tmp_path, ct=inputs[0], masks=inputs[1], grid=(52, 50, 48), spacing=(7.0, 5.0, 7.0),
+                   progress=False)
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "test", tmp_path / "test" / "ddfs"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o775, folder
+    assert stat.S_IMODE((tmp_path / "test" / "ddfs" / "case_001.nii.gz").stat().st_mode) == 0o664
+
+
+def test_a_cache_built_before_split_markers_is_still_used(tmp_path, tiny, inputs):
+    """build.json as written before splits held their own parameters, and no marker: still this build's."""
+    shutil.copytree(tiny["inspiration"], tmp_path, dirs_exist_ok=True)
+    (tmp_path / "test" / ".teachreg-split").unlink()
+    record = json.loads((tmp_path / "build.json").read_text())
+    del record["splits"]["test"]["parameters"]
+    (tmp_path / "build.json").write_text(json.dumps(record))
+    files = _files(tmp_path / "test")
+    small = dict(ct=inputs[0], masks=inputs[1], grid=(52, 50, 48), spacing=(7.0, 5.0, 7.0), progress=False)
+    lung.build(tmp_path, **small)  # same parameters: skipped
+    assert _files(tmp_path / "test") == files
+    lung.build(tmp_path, seed=1, **small)  # other parameters: replaced
+    rebuilt = _files(tmp_path / "test")
+    assert Path(".teachreg-split") in rebuilt and rebuilt != files

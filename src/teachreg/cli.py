@@ -106,6 +106,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _data_build_lung(args: argparse.Namespace) -> int:
     import json
 
+    if (args.ct is None) != (args.masks is None):
+        given, needed = ("--ct", "--masks") if args.masks is None else ("--masks", "--ct")
+        print(f"teachreg: error: {given} needs {needed}: give --ct CT --masks EXP INSP for a pair made from your "
+              "own CT, or neither for the course's dataset", file=sys.stderr)
+        return 2  # a usage error, as argparse's
+
     from teachreg.data import lung  # TensorFlow loads only for this command
 
     try:
@@ -132,7 +138,8 @@ def _add_build_lung(data_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--spacing", nargs=3, type=float, default=[3.5, 2.5, 3.5], metavar=("Z", "Y", "X"),
                         help="voxel size in mm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid shifts")
-    parser.add_argument("--ct", metavar="PATH", help="your own chest CT: a NIfTI or NRRD file, or a DICOM folder")
+    parser.add_argument("--ct", metavar="PATH",
+                        help="with --masks: your own chest CT, a NIfTI or NRRD file, or a DICOM folder")
     parser.add_argument("--masks", nargs=2, metavar=("EXP", "INSP"),
                         help="with --ct: one patient's expiration and inspiration lung masks (NIfTI, one grid)")
     parser.add_argument("--ct-state", choices=("inspiration", "expiration"), default="inspiration",
@@ -151,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (1 with a message on a DataError)."""
+    """Run the command line; returns the exit status (1 with a message on a DataError, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -4,7 +4,8 @@ No public pair of one patient's chest CT at two breathing states could be mirror
 pair is built from real parts (``build``, or ``teachreg data build-lung``):
 
 1. A real chest CT (one breathing state of one patient) in HU, and its lungs: the real mask where
-   there is one (Learn2Reg case_001, CIP ct-64), else segmented (``segment_lungs``).
+   there is one (Learn2Reg case_001, CIP ct-64), else segmented (``segment_lungs``); a CT whose
+   lungs are not those of an adult chest CT (``check_lungs``: volume, density) is refused.
 2. A real breathing motion: the displacement between one Learn2Reg patient's expiration and
    inspiration lung masks, found by registering the masks with ``teachreg.register.nonrigid``
    (Dice and SSD of the masks, bending energy, cubic B-spline, on the grid halved) in both
@@ -51,7 +52,9 @@ Layout under ``root`` (DeepReg's paired layout, read by ``load_paired``)::
     {train,test}/{moving,fixed}_images/case_XXX.nii.gz   int16, HU
     {train,test}/{moving,fixed}_labels/case_XXX.nii.gz   uint8, 1 = lung
     {train,test}/ddfs/case_XXX.nii.gz                    float32 [.., 3], the DDF u
-    build.json   parameters, seed, per-motion and per-pair statistics (mask Dice, mm, sources)
+    {train,test}/.teachreg-split                         marks a split ``build`` made (and may replace)
+    build.json   per split its parameters (seed included), per-motion and per-pair statistics
+                 (mask Dice, mm, sources); "parameters": those of the last split built
 
 Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, with an affine of the spacing
 (LPS axes), and gzipped with no time stamp, so the same parameters give byte-identical files.
@@ -87,6 +90,10 @@ SPACING = (3.5, 2.5, 3.5)
 JITTER_MM = 7.0
 CUT_FRACTION = 0.01
 HU_AIR = -1000.0
+# A chest CT's lungs, as ``check_lungs`` accepts them: litres, and their mean density in HU.
+LUNG_LITRES = (1.5, 12.0)
+LUNG_HU = (-975.0, -400.0)
+MARKER = ".teachreg-split"  # in every split folder ``build`` made: it replaces no other folder
 VERSION = 2  # bump when the output changes, so that cached builds are redone
 # Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
 # weights are tried in turn until the displacement does not fold.
@@ -228,6 +235,20 @@ def prepare_ct(volume: Volume, state: str, name: str, spacing=SPACING) -> Source
     image = ndimage.gaussian_filter(image, np.where(factor > 1, factor / 2, 0), mode="nearest")
     lo, hi = _bbox_mm(lung, lung_spacing)
     return Source(name, state, image, s, lung, lung_spacing, lo, hi)
+
+
+def check_lungs(source: Source, where: str) -> tuple[float, float]:
+    """The volume (litres) and mean density (HU) of a prepared CT's lungs; raises DataError naming
+    ``where`` unless they are in ``LUNG_LITRES`` and ``LUNG_HU``, as for an adult chest CT that holds
+    both lungs (a head-and-neck CT shows only their apices, a mask off the lungs holds tissue)."""
+    voxels = np.argwhere(source.lung > 0.5)
+    litres = float(len(voxels) * np.prod(source.lung_spacing) / 1e6)
+    hu = float(_sample(source.image, source.spacing, voxels * source.lung_spacing).mean())
+    if not (LUNG_LITRES[0] <= litres <= LUNG_LITRES[1] and LUNG_HU[0] <= hu <= LUNG_HU[1]):
+        raise DataError(f"{where}: no plausible lungs: {litres:.2f} L at a mean {hu:.0f} HU, expected "
+                        f"{LUNG_LITRES[0]:g}-{LUNG_LITRES[1]:g} L at {LUNG_HU[0]:.0f} to {LUNG_HU[1]:.0f} HU; "
+                        "give a chest CT in HU that holds both lungs")
+    return litres, hu
 
 
 def _field_of_view_cut(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
@@ -450,7 +471,9 @@ def load_paired(root=None, split: str = "test") -> list[LungPair]:
 
 
 def _read_user_volume(path: Path) -> Volume:
-    """A CT or mask from a NIfTI or NRRD file or a DICOM folder, as (z, y, x) with spacing in mm."""
+    """A CT or mask from a NIfTI or NRRD file or a DICOM folder, as (z, y, x) with spacing in mm.
+
+    Raises DataError naming ``path`` if it cannot be read or holds NaN or infinite values."""
     try:
         if path.is_dir():
             array, spacing = _dicom_zyx(sorted(p for p in path.iterdir() if p.is_file()))
@@ -460,7 +483,12 @@ def _read_user_volume(path: Path) -> Volume:
             array, spacing = _lps_zyx(*_nifti(path))
     except Exception as err:  # nibabel, pynrrd and pydicom each have their own errors
         raise DataError(f"{path}: not a readable NIfTI or NRRD file or DICOM folder ({err})") from err
-    return Volume(np.asarray(array, np.float32), spacing, None, (), path.name)
+    array = np.asarray(array, np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise DataError(f"{path}: {bad} voxel{' is' if bad == 1 else 's are'} not finite (NaN or infinite); "
+                        "give a file with a value in every voxel")
+    return Volume(array, spacing, None, (), path.name)
 
 
 def _digest(paths) -> str:
@@ -477,18 +505,24 @@ def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: 
     """Build the paired lung CT dataset (see the module docstring) and return its root folder.
 
     out: the root (default ``data_dir() / "lung_ct"``, or ``"lung_ct_custom"`` with ``ct``).
-    splits: any of "train", "test"; each is built on its own, into a temporary folder renamed at
-    the end, and skipped when ``build.json`` says it was built with the same parameters (unless
-    ``force``). grid: (D, H, W) voxels; spacing: (z, y, x) mm; seed: the grid shifts.
+    splits: any of "train", "test"; each is built on its own, into a temporary folder that replaces
+    ``out / split`` once the split is complete, and skipped when ``build.json`` says it was built
+    with the same parameters (unless ``force``). Other splits are left as they are. A split folder
+    is replaced only if ``build`` made it (it holds ``MARKER``) or it is empty.
+    grid: (D, H, W) voxels; spacing: (z, y, x) mm; seed: the grid shifts.
     ct, masks, ct_state: a user's own chest CT (NIfTI or NRRD file, or DICOM folder) at breathing
     ``ct_state``, and the paths of one patient's (expiration, inspiration) lung masks on one grid:
     the pair made from them is the split "test".
+    Raises DataError if a split folder was not made here, or if an input is not usable (naming it).
     """
     grid, spacing = tuple(int(n) for n in grid), tuple(float(s) for s in spacing)
     params = dict(version=VERSION, grid=list(grid), spacing=list(spacing), seed=int(seed), jitter_mm=JITTER_MM,
                   cut_fraction=CUT_FRACTION, registration=REGISTRATION, regulariser_weights=REGULARISER_WEIGHTS)
+    if (ct is None) != (masks is None):
+        raise ValueError("give ct and masks together (your chest CT and one patient's expiration and inspiration "
+                         "lung masks), or neither for the course's dataset")
     if ct is not None:
-        if masks is None or len(masks) != 2 or ct_state not in ("expiration", "inspiration"):
+        if len(masks) != 2 or ct_state not in ("expiration", "inspiration"):
             raise ValueError("with ct, give masks=(expiration mask, inspiration mask) and ct_state "
                              "'expiration' or 'inspiration'")
         missing = [str(p) for p in (ct, *masks) if not Path(p).exists()]
@@ -496,48 +530,76 @@ def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: 
             raise DataError(f"not found: {', '.join(missing)}")
         params.update(ct_state=ct_state, inputs=_digest([ct, *masks]))
         splits = ("test",)
+    unknown = [split for split in splits if split not in MOTIONS]
+    if unknown:
+        raise ValueError(f"splits must be among {sorted(MOTIONS)}, got {unknown[0]!r}")
+    params = json.loads(json.dumps(params))  # as build.json stores it
     root = Path(out) if out is not None else data_dir() / ("lung_ct" if ct is None else "lung_ct_custom")
-    root.mkdir(parents=True, exist_ok=True)
     record_path = root / "build.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if record.get("parameters") != json.loads(json.dumps(params)):
-        for split in record.get("splits", {}):
-            shutil.rmtree(root / split, ignore_errors=True)
-        record = dict(parameters=params, splits={})
-    for split in splits:
-        if split not in MOTIONS:
-            raise ValueError(f"splits must be among {sorted(MOTIONS)}, got {split!r}")
-        if not force and split in record["splits"] and (root / split).is_dir():
-            continue
-        record["splits"][split] = _build_split(root, split, grid, spacing, seed, ct, masks, ct_state, progress)
+    record = _read_record(record_path)
+    todo = [split for split in dict.fromkeys(splits) if force or not (root / split).is_dir()
+            or record["splits"].get(split, {}).get("parameters") != params]
+    for split in todo:
+        _check_replaceable(root / split, split in record["splits"])
+    root.mkdir(parents=True, exist_ok=True)
+    for split in todo:
+        record["splits"][split] = dict(parameters=params, **_build_split(root, split, grid, spacing, seed, ct,
+                                                                          masks, ct_state, progress))
+        record["parameters"] = params
         tmp = record_path.with_suffix(".json.part")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, record_path)
     return root
 
 
+def _read_record(path: Path) -> dict:
+    """``build.json``: {"parameters": those of the last build, "splits": {split: {"parameters", "motions",
+    "pairs"}}}, or an empty record. Splits recorded before they held their own parameters get the record's."""
+    record = json.loads(path.read_text()) if path.exists() else {}
+    splits = record.get("splits", {})
+    for info in splits.values():
+        info.setdefault("parameters", record.get("parameters"))
+    return dict(parameters=record.get("parameters"), splits=splits)
+
+
+def _check_replaceable(folder: Path, recorded: bool) -> None:
+    """Raise DataError unless ``build`` may replace split ``folder``: absent, empty, holding ``MARKER``, or
+    listed in build.json (``recorded``: a split built before markers)."""
+    if not folder.exists():
+        return
+    if folder.is_dir() and (recorded or (folder / MARKER).is_file() or not any(folder.iterdir())):
+        return
+    raise DataError(f"{folder} was not made by `teachreg data build-lung` (it has no {MARKER} file), so it is "
+                    "left as it is; give another output folder (--out DIR) or move it away")
+
+
 def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct_state, progress) -> dict:
-    """Build one split into a temporary folder, rename it to ``root / split``; return its statistics."""
+    """Build one split into a temporary folder that then replaces ``root / split``; return its statistics.
+
+    Raises DataError naming the CT (its path, for ``ct``) if its lungs fail ``check_lungs``."""
     if ct is not None:
-        cts = [(Path(ct).name, lambda: _read_user_volume(Path(ct)), ct_state)]
+        cts = [(Path(ct).name, lambda: _read_user_volume(Path(ct)), ct_state, str(ct))]
         motions = [("user_masks", lambda: Pair(*(_as_mask(_read_user_volume(Path(m))) for m in masks)))]
     else:
-        cts = [(name, loader, state) for name, loader, state, s in CTS if s == split]
+        cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
         motions = [(f"l2r_case{case:03d}", lambda s=s, c=case: load("lung_masks", case=c, split=s))
                    for s, case in MOTIONS[split]]
     n_pairs = len(cts) * len(motions)
     bar = tqdm(total=len(cts) + 2 * len(motions) + n_pairs, desc=f"lung CT {split}", disable=not progress)
     sources = []
-    for name, loader, state in cts:
+    for name, loader, state, where in cts:
         sources.append(prepare_ct(loader(), state, name, spacing))
+        check_lungs(sources[-1], where)
         bar.update()
     states = [state for state in ("expiration", "inspiration") if any(s.state == state for s in sources)]
     estimated = []
     for name, loader in motions:
         estimated += breathing_motions(loader(), name, states, grid, spacing)
         bar.update(2)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
+    work = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
+        tmp = work / split
+        tmp.mkdir()  # with the umask's permissions, as the folders in it (mkdtemp's are 0700)
         for kind in ("moving_images", "fixed_images", "moving_labels", "fixed_labels", "ddfs"):
             (tmp / kind).mkdir()
         pairs = {}
@@ -550,10 +612,12 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
                 _write_nifti(tmp / kind / f"{case}.nii.gz", array, spacing)
             pairs[case] = stats
             bar.update()
-        shutil.rmtree(root / split, ignore_errors=True)
+        (tmp / MARKER).write_text("made by teachreg.data.lung.build, which may replace it; see ../build.json\n")
+        if (root / split).exists():
+            os.replace(root / split, work / "old")
         os.replace(tmp, root / split)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         bar.close()
     return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs)
 
