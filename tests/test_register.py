@@ -1,9 +1,11 @@
 """The classical optimisers recover known transforms."""
 
+import re
+
 import numpy as np
 import pytest
 
-from teachreg import losses, metrics, register, spatial
+from teachreg import losses, metrics, network, register, spatial
 
 
 def blobs(shape=(24, 32, 32), seed=0):
@@ -111,3 +113,111 @@ def test_nonrigid_calls_of_one_size_share_compiled_steps_but_not_their_arguments
     swapped = register.nonrigid(fixed, moving, **options)
     assert losses.bending_energy_loss(stiffer.ddf) < 0.5 * losses.bending_energy_loss(first.ddf)  # the weight counted
     assert not np.allclose(swapped.ddf.numpy(), first.ddf.numpy(), atol=0.1)
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("constant", ["moving", "fixed"])
+def test_affine_refuses_a_constant_image(constant):
+    # An all-zero fixed image used to give a 2.15x scaling at a loss of 3e16, without a word.
+    images = {"moving": blobs(shape=(8, 10, 12)), "fixed": blobs(shape=(8, 10, 12), seed=1)}
+    images[constant] = np.zeros((8, 10, 12), np.float32)
+    with pytest.raises(ValueError, match=f"^{constant} is constant \\(every voxel is 0\\)"):
+        register.affine(images["moving"], images["fixed"], levels=1, steps=5)
+
+
+def test_nonrigid_refuses_a_constant_image_unless_labels_drive_it():
+    image, flat = blobs(shape=(8, 10, 12)), np.full((8, 10, 12), 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"^fixed is constant \(every voxel is 0\.5\).*label_weight"):
+        register.nonrigid(image, flat, levels=1, steps=2)
+    label = (image > np.median(image)).astype(np.float32)
+    result = register.nonrigid(flat, flat, moving_label=label, fixed_label=label, label_weight=1.0, levels=1, steps=2)
+    assert len(result.history) == 2
+
+
+def test_nonrigid_refuses_an_initial_transform_of_another_grid_or_with_nan():
+    image = blobs(shape=(8, 10, 12))
+    with pytest.raises(ValueError, match=r"^initial\.ddf must have shape \[1, 8, 10, 12, 3\].*got \(1, 4, 5, 6, 3\)"):
+        register.nonrigid(image, image, initial=register.Result(ddf=np.zeros((1, 4, 5, 6, 3), np.float32)), levels=1, steps=2)
+    ddf = np.zeros((1, 8, 10, 12, 3), np.float32)
+    ddf[0, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"^initial\.ddf contains NaN"):
+        register.nonrigid(image, image, initial=register.Result(ddf=ddf), levels=1, steps=2)
+
+
+@pytest.mark.parametrize("scaled", ["moving_label", "fixed_label"])
+def test_nonrigid_refuses_labels_outside_0_1(scaled):
+    # 0/255 masks gave a label loss of -253.
+    image = blobs(shape=(8, 10, 12))
+    mask = (image > np.median(image)).astype(np.float32)
+    labels = {"moving_label": mask, "fixed_label": mask, scaled: 255 * mask}
+    with pytest.raises(ValueError, match=rf"^{scaled} must hold values in \[0, 1\].*got values from 0 to 255"):
+        register.nonrigid(image, image, label_weight=1.0, levels=1, steps=2, **labels)
+    labels[scaled] = mask * np.float32(1.0000001)  # an interpolated mask's rounding is let through
+    assert len(register.nonrigid(image, image, label_weight=1.0, levels=1, steps=2, **labels).history) == 2
+
+
+@pytest.mark.parametrize(
+    "function,option,value",
+    [
+        (register.affine, "learning_rate", 0.0),
+        (register.affine, "learning_rate", float("nan")),
+        (register.affine, "levels", 0),
+        (register.affine, "levels", 1.5),
+        (register.affine, "steps", -5),
+        (register.affine, "steps", 0),
+        (register.affine, "steps", (10, 2.5, 10)),
+        (register.affine, "smoothing", -1.0),
+        (register.nonrigid, "grid_spacing", 0),
+        (register.nonrigid, "grid_spacing", -8.0),
+        (register.nonrigid, "regulariser_weight", -1.0),
+        (register.nonrigid, "label_weight", float("inf")),
+        (register.nonrigid, "learning_rate", -0.1),
+        (register.nonrigid, "levels", 0),
+        (register.nonrigid, "steps", -5),
+        (register.nonrigid, "tolerance", -0.1),
+    ],
+)
+def test_numeric_options_are_checked_before_any_work(function, option, value):
+    # grid_spacing=0 used to reach 12 GB of memory, levels=0 an IndexError, steps=-5 an empty history.
+    image = blobs(shape=(16, 16, 16))
+    extra = {"transform": "bspline"} if option == "grid_spacing" else {}
+    with pytest.raises(ValueError, match=rf"^{option} must .*got {re.escape(repr(value))}\.$"):
+        function(image, image, **{option: value}, **extra)
+
+
+@pytest.mark.parametrize(
+    "function,options,small,minimum",
+    [
+        (register.affine, {"levels": 3}, (4, 4, 4), 5),
+        (register.affine, {"levels": 1}, (1, 4, 4), 2),
+        (register.nonrigid, {"levels": 3}, (4, 4, 4), 9),
+        (register.nonrigid, {"levels": 3, "regulariser": "l2"}, (4, 4, 4), 5),
+    ],
+)
+def test_too_small_images_are_refused_with_the_real_minimum(function, options, small, minimum):
+    # 4x4x4 with 3 levels used to fail with "affine contains NaN" (affine) or deep in the regulariser (nonrigid).
+    image = blobs(shape=small)
+    expected = rf"^moving and fixed must have at least {minimum} voxels along D, H and W for levels={options['levels']} "
+    with pytest.raises(ValueError, match=expected):
+        function(image, image, steps=2, **options)
+    # the stated minimum is enough: images of that size register to a finite transform
+    shape = (minimum,) * 3
+    result = function(blobs(shape=shape), blobs(shape=shape, seed=1), steps=2, **options)
+    assert result.ddf.shape == (1, *shape, 3) and np.isfinite(result.ddf.numpy()).all()
+    assert len(result.history) == 2 * options["levels"]
+
+
+def test_predict_ddf_refuses_tiny_images_bad_batch_sizes_and_nan():
+    model = network.RegistrationNetwork()
+    image = 1000 * blobs(shape=(8, 10, 12)) - 1000
+    with pytest.raises(ValueError, match=r"^moving and fixed must have at least 4 voxels along D, H and W.*\(1, 3, 3, 3\)"):
+        model.predict_ddf(image[:3, :3, :3], image[:3, :3, :3])
+    assert model.predict_ddf(image[:4, :4, :4], image[:4, :4, :4]).shape == (1, 4, 4, 4, 3)  # the minimum works
+    with pytest.raises(ValueError, match=r"^batch_size must be a whole number >= 1, got 0\."):
+        model.predict_ddf(image, image, batch_size=0)
+    broken = image.copy()
+    broken[2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"^fixed contains NaN or infinite values"):
+        model.predict_ddf(image, broken)

@@ -220,3 +220,12 @@ def test_bad_input_names_the_argument_and_shape(call, argument):
     with pytest.raises(ValueError, match=rf"{argument}.*\[") as info:
         call()
     assert "shape" in str(info.value)
+
+
+# --- bad input ---
+
+
+def test_warp_refuses_an_image_without_voxels():
+    # An empty image reached XLA and failed a C++ RET_CHECK in the mirror padding.
+    with pytest.raises(ValueError, match=r"^image must have at least 1 voxel along D, H and W, got shape \(1, 0, 4, 4\)"):
+        spatial.warp(np.zeros((1, 0, 4, 4), np.float32), np.zeros((1, 0, 4, 4, 3), np.float32))

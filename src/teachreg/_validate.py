@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
@@ -48,3 +51,16 @@ def same_shape(name_a: str, a: tf.Tensor, name_b: str, b: tf.Tensor) -> None:
     """Raise a `ValueError` when two tensors' static shapes differ."""
     if not a.shape.is_compatible_with(b.shape):
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+
+
+def whole_number(name: str, value, minimum: int) -> None:
+    """Raise a `ValueError` naming option `name` unless `value` is an integer >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+
+
+def real_number(name: str, value, minimum: float, strict: bool = False) -> None:
+    """Raise a `ValueError` naming option `name` unless `value` is a finite number >= `minimum` (> when `strict`)."""
+    valid = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not valid or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}.")

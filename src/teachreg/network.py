@@ -162,6 +162,15 @@ class RegistrationNetwork(keras.Model):
             moving, fixed = moving[None], fixed[None]
         if moving.ndim != 4 or moving.shape != fixed.shape:
             raise ValueError(f"moving and fixed must both have shape [batch, D, H, W], got {moving.shape} and {fixed.shape}.")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+        minimum = self.multiple // 2  # `call` mirrors each axis up to a multiple; a mirror adds at most n voxels
+        if min(moving.shape[1:]) < minimum:
+            raise ValueError(f"moving and fixed must have at least {minimum} voxels along D, H and W for this network "
+                             f"(it pads each axis by mirroring to a multiple of {self.multiple}), got shape {moving.shape}.")
+        for name, array in (("moving", moving), ("fixed", fixed)):
+            if not np.isfinite(array).all():
+                raise ValueError(f"{name} contains NaN or infinite values; expected finite intensities (HU for CT), shape [batch, D, H, W].")
         if not hasattr(self, "_predict"):
             spec = tf.TensorSpec([None, None, None, None], tf.float32)
             self._predict = tf.function(lambda m, f: self((m, f)), input_signature=[spec, spec])

@@ -7,6 +7,7 @@ maps the fixed grid into the moving image, so `result.warp(moving)` resembles `f
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,9 +93,12 @@ def affine(
     are smoothed by the downsampling, and `smoothing` adds a Gaussian of that sigma (voxels) at
     every level, 0 by default because smoothing the finest level biases the fit. Returns a `Result` with `.affine` and `.ddf`.
     """
-    moving_t, fixed_t = _pair(moving, fixed)
-    _image_loss(loss)  # checks the name
+    _validate.whole_number("levels", levels, 1)
     steps = _per_level(steps, levels)
+    _validate.real_number("learning_rate", learning_rate, 0, strict=True)
+    _validate.real_number("smoothing", smoothing, 0)
+    moving_t, fixed_t = _pair(moving, fixed, levels, coarsest=2)  # the affine frame needs 2 voxels per axis
+    _image_loss(loss)  # checks the name
     shape = fixed_t.shape[1:4]
     matrix = tf.Variable(tf.eye(3), name="matrix")
     translation = tf.Variable(tf.zeros(3), name="translation")
@@ -167,8 +171,12 @@ def _half_size(image: tf.Tensor) -> np.ndarray:
     return (np.asarray(image.shape[1:4], np.float32) - 1) / 2
 
 
-def _pair(moving, fixed, window: str = "shared") -> tuple[tf.Tensor, tf.Tensor]:
+def _pair(moving, fixed, levels: int, coarsest: int, window: str = "shared",
+          constant_ok: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """Validate a moving and a fixed image of one shape; return both as `[1, D, H, W, 1]` float32 in about [0, 1].
+
+    The images must keep `coarsest` voxels per axis at the coarsest of `levels` pyramid levels,
+    and neither may be constant, unless `constant_ok` (labels drive the fit).
 
     window "shared": both mapped by the fixed image's 1st-99th percentile window (same scanner
     and contrast; SSD stays meaningful); "each": each by its own window, clipped to [0, 1]
@@ -183,6 +191,21 @@ def _pair(moving, fixed, window: str = "shared") -> tuple[tf.Tensor, tf.Tensor]:
             raise ValueError(f"{name} must have shape [D, H, W] or [1, D, H, W], got shape {array.shape}.")
         arrays[name] = _validate.image(name, array)
     _validate.same_shape("moving", arrays["moving"], "fixed", arrays["fixed"])
+    shape = tuple(arrays["fixed"].shape[1:4])
+    minimum = (coarsest - 1) * 2 ** (levels - 1) + 1  # spatial.downsample keeps (n - 1) // 2 + 1 voxels
+    if min(shape) < minimum:
+        raise ValueError(
+            f"moving and fixed must have at least {minimum} voxels along D, H and W for levels={levels} (each level "
+            f"halves the grid, and the coarsest needs {coarsest} voxels per axis), got shape {shape}; use fewer "
+            "levels or a larger image.")
+    if not constant_ok:
+        for name, tensor in arrays.items():
+            values = tensor.numpy()
+            if np.all(values == values.flat[0]):
+                raise ValueError(
+                    f"{name} is constant (every voxel is {values.flat[0]:g}), so the image loss has nothing to match; "
+                    "check that it loaded correctly, or register by labels (nonrigid with moving_label, "
+                    "fixed_label and label_weight > 0).")
     if window == "shared":
         lo, hi = intensity_window(arrays["fixed"].numpy())
         return (arrays["moving"] - lo) / (hi - lo), (arrays["fixed"] - lo) / (hi - lo)
@@ -200,9 +223,12 @@ def _image_loss(name: str):
 
 
 def _per_level(steps: int | tuple[int, ...], levels: int) -> tuple[int, ...]:
-    steps = (steps,) * levels if isinstance(steps, int) else tuple(steps)
+    given = steps
+    steps = (steps,) * levels if np.ndim(steps) == 0 else tuple(steps)
     if len(steps) != levels:
         raise ValueError(f"steps must be one number or one per level ({levels}), got {steps}.")
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 for n in steps) or sum(steps) == 0:
+        raise ValueError(f"steps must be whole numbers >= 0 (one, or one per level), at least one positive, got {given!r}.")
     return steps
 
 
@@ -250,9 +276,9 @@ def nonrigid(
     The objective is `loss(fixed, warped)` (a name in `losses.IMAGE_LOSSES`, counted only where
     the sample lies inside the moving image) `+ regulariser_weight * regulariser(ddf)` (a name in
     `REGULARISERS`, in voxel units of each level) `+ label_weight * dice_loss(fixed_label,
-    warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` are given.
+    warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` in [0, 1] are given.
     `transform`: "ddf" (a free displacement per voxel, the tutorial's parameterisation), "bspline"
-    (cubic B-spline control points every `grid_spacing` voxels of the finest level) or "svf"
+    (cubic B-spline control points every `grid_spacing` >= 1 voxels of the finest level) or "svf"
     (a stationary velocity field per voxel, integrated by scaling and squaring: diffeomorphic).
     `initial`: a `Result` (e.g. from `affine`) applied first; the returned DDF includes it.
     `levels` pyramid levels with `steps` Adam steps each, the learning rate (voxels of each level
@@ -265,12 +291,23 @@ def nonrigid(
         raise ValueError(f"regulariser must be one of {sorted(REGULARISERS)}, got {regulariser!r}.")
     if (moving_label is None) != (fixed_label is None):
         raise ValueError("give both moving_label and fixed_label, or neither.")
-    moving_t, fixed_t = _pair(moving, fixed, window="each")
-    _image_loss(loss)  # checks the name
+    _validate.whole_number("levels", levels, 1)
     steps = _per_level(steps, levels)
+    _validate.real_number("learning_rate", learning_rate, 0, strict=True)
+    _validate.real_number("grid_spacing", grid_spacing, 1)  # voxels; finer control grids only cost memory
+    for name, value in (("regulariser_weight", regulariser_weight), ("label_weight", label_weight), ("tolerance", tolerance)):
+        _validate.real_number(name, value, 0)
+    # The bending energy needs 3 voxels per axis, the gradient regularisers 2.
+    moving_t, fixed_t = _pair(moving, fixed, levels, coarsest=3 if regulariser == "bending" else 2, window="each",
+                              constant_ok=moving_label is not None and label_weight > 0)
+    _image_loss(loss)  # checks the name
     shape = tuple(fixed_t.shape[1:4])
     labels = None if moving_label is None else _label_pair(moving_label, fixed_label, shape)
     if initial is not None:  # register the affinely pre-warped image, compose at the end
+        initial_ddf = _validate.ddf("initial.ddf", initial.ddf)
+        if tuple(initial_ddf.shape) != (1, *shape, 3):
+            raise ValueError(f"initial.ddf must have shape {[1, *shape, 3]} (the fixed image's grid), "
+                             f"got {tuple(initial_ddf.shape)}.")
         moving_t = spatial.warp(moving_t, initial.ddf)
         if labels is not None:
             labels = (spatial.warp(labels[0], initial.ddf), labels[1])
@@ -363,4 +400,8 @@ def _label_pair(moving_label, fixed_label, shape) -> tuple[tf.Tensor, tf.Tensor]
         if array.shape[1:4] != shape or array.ndim not in (4, 5):
             raise ValueError(f"{name} must have shape {list(shape)} or {list(shape)} + [L], got {array.shape}.")
         out.append(_validate.image(name, array))
+        low, high = array.min(), array.max()
+        if low < -1e-4 or high > 1 + 1e-4:  # the margin lets interpolated masks (1.0000001) through
+            raise ValueError(f"{name} must hold values in [0, 1] (a mask or probabilities), got values from {low:g} to "
+                             f"{high:g}; rescale it (divide a 0/255 mask by 255).")
     return out[0], out[1]

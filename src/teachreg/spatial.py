@@ -165,6 +165,8 @@ def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> 
     """
     has_channels = _rank(image) == 5
     volume = _validate.image("image", image)
+    if volume.shape[1:4].num_elements() == 0:
+        raise ValueError(f"image must have at least 1 voxel along D, H and W, got shape {tuple(np.shape(image))}.")
     ddf = _match_batch(volume, _validate.ddf("ddf", ddf))
     _check_options(interpolation, padding)
     fn = _warp_linear if interpolation == "linear" else _warp_nearest
