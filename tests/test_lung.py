@@ -308,3 +308,10 @@ def test_a_cache_built_before_split_markers_is_still_used(tmp_path, tiny, inputs
     lung.build(tmp_path, seed=1, **small)  # other parameters: replaced
     rebuilt = _files(tmp_path / "test")
     assert Path(".teachreg-split") in rebuilt and rebuilt != files
+
+
+def test_an_empty_user_mask_is_named(tmp_path):
+    path = tmp_path / "empty_exp.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), path)
+    with pytest.raises(lung.DataError, match="empty_exp.nii.gz: the lung mask is empty"):
+        lung._read_mask(path)

@@ -481,6 +481,8 @@ def _read_user_volume(path: Path) -> Volume:
             array, spacing = _nrrd_zyx(path)
         else:
             array, spacing = _lps_zyx(*_nifti(path))
+    except DataError:  # already names the file or folder (a DICOM folder with several series)
+        raise
     except Exception as err:  # nibabel, pynrrd and pydicom each have their own errors
         raise DataError(f"{path}: not a readable NIfTI or NRRD file or DICOM folder ({err})") from err
     array = np.asarray(array, np.float32)
@@ -579,7 +581,7 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
     Raises DataError naming the CT (its path, for ``ct``) if its lungs fail ``check_lungs``."""
     if ct is not None:
         cts = [(Path(ct).name, lambda: _read_user_volume(Path(ct)), ct_state, str(ct))]
-        motions = [("user_masks", lambda: Pair(*(_as_mask(_read_user_volume(Path(m))) for m in masks)))]
+        motions = [("user_masks", lambda: Pair(*(_read_mask(Path(m)) for m in masks)))]
     else:
         cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
         motions = [(f"l2r_case{case:03d}", lambda s=s, c=case: load("lung_masks", case=c, split=s))
@@ -622,7 +624,11 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
     return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs)
 
 
-def _as_mask(volume: Volume) -> Volume:
-    """A mask Volume (labels [..., 1]) from a read mask image."""
+def _read_mask(path: Path) -> Volume:
+    """A lung mask Volume (labels [..., 1], 1 where the file is > 0) read from ``path``; DataError
+    naming the file if it is empty."""
+    volume = _read_user_volume(path)
     volume.labels = (volume.image > 0)[..., None].astype(np.uint8)
+    if not volume.labels.any():
+        raise DataError(f"{path}: the lung mask is empty (no voxel > 0); give a mask with the lungs set to 1")
     return volume
