@@ -95,19 +95,14 @@ def loss_figures(device: str, repeats: int) -> dict:
     return {"shape": list(shape[1:]), **{f"lncc_bending_with_gradient_{k}_s": round(v, 4) for k, v in seconds.items()}}
 
 
-PROSTATE_SETTINGS = dict(transform="bspline", grid_spacing=16, regulariser="l2", regulariser_weight=0.1,
-                         levels=3, steps=(100, 100, 50), learning_rate=0.5)
-"""Chapter 4's default parameters (book/ch04_nonrigid.ipynb), for the prostate pair."""
-
-
 def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
     """Chapter 4's registration against elastix's default maps on the prostate pair, interleaved."""
-    from teachreg import data, elastix, metrics, register
+    from teachreg import data, elastix, metrics, presets, register
 
     pair = data.load("prostate_mr")
     moving, fixed = pair.moving.image, pair.fixed.image
     gland, fixed_gland = pair.moving.labels[..., 0].astype(np.float32), pair.fixed.labels[..., 0]
-    contenders = {"teachreg_bspline": lambda: register.nonrigid(moving, fixed, **PROSTATE_SETTINGS)}
+    contenders = {"teachreg_bspline": lambda: register.nonrigid(moving, fixed, **presets.PROSTATE_NONRIGID)}
     if elastix.available():
         contenders["elastix_bspline"] = lambda: elastix.register(moving, fixed, maps=("bspline",))
         contenders["elastix_affine_then_bspline"] = lambda: elastix.register(moving, fixed, maps=("affine", "bspline"))
@@ -115,7 +110,7 @@ def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
     for _ in range(repeats):
         for name, register_pair in contenders.items():
             result = register_pair()
-            runs[name].append(dict(dice=metrics.dice(result.warp(gland) >= 0.5, fixed_gland),
+            runs[name].append(dict(dice=metrics.dice(result.warp_label(gland), fixed_gland),
                                    folding=metrics.folding_fraction(result.ddf), seconds=result.seconds))
     out = {"dice_before": round(metrics.dice(gland, fixed_gland), 4)}
     for name, rows in runs.items():
@@ -136,26 +131,26 @@ REFINE_STEPS = (50, 30, 0)
 
 def network_figures(classical: int) -> dict:
     """The pretrained lung CT network on every test pair, and `classical` pairs also by `register.nonrigid`
-    with `network.CLASSICAL`, as in chapter 5; "refined": the network's DDF refined by `REFINE_STEPS`
+    with `presets.LUNG_CLASSICAL`, as in chapter 5; "refined": the network's DDF refined by `REFINE_STEPS`
     of that optimiser on every pair, as chapter 5's default (seconds include the network's pass)."""
-    from teachreg import network, register, train
+    from teachreg import evaluate, network, presets, register, train
     from teachreg.data import lung
 
     lung.build(splits=("test",), progress=False)
     pairs = train.read_pairs(split="test")
     model = network.load_pretrained("lung_ct")
-    report = network.evaluate(model, pairs, classical=classical)
+    report = evaluate.evaluate(model, pairs, classical=classical)
     mean = report["mean"]
     if classical:
         mean["speed_up"] = mean["classical_seconds"] / mean["seconds"]
         mean["dice_minus_classical"] = mean["dice_after"] - mean["classical_dice_after"]
-    short = {**network.CLASSICAL, "steps": REFINE_STEPS}
+    short = {**presets.LUNG_CLASSICAL, "steps": REFINE_STEPS}
     register.nonrigid(pairs[0]["moving"], pairs[0]["fixed"], **{**short, "steps": 1})  # compiles the steps
     refined = []
     for pair, row in zip(pairs, report["pairs"]):
         initial = register.Result(ddf=tf.constant(model.predict_ddf(pair["moving"], pair["fixed"])))
         result = register.nonrigid(pair["moving"], pair["fixed"], initial=initial, **short)
-        refined.append({**network.accuracy(result.ddf.numpy(), pair, pair["spacing"]),
+        refined.append({**evaluate.accuracy(result.ddf.numpy(), pair, pair["spacing"]),
                         "seconds": row["seconds"] + result.seconds})
     refined_mean = {key: float(np.mean([r[key] for r in refined])) for key in refined[0]}
     refined_mean["tre_ratio"] = refined_mean["tre_mm"] / refined_mean["initial_mm"]

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from teachreg import cli, network, spatial, train
+from teachreg import cli, evaluate, network, objective, presets, spatial, train
 
 SHAPE = (12, 8, 10)  # (z, y, x), deliberately not a multiple of 8
 SMALL = {"channels": [4, 8]}
@@ -64,7 +64,6 @@ def test_output_shapes_and_padding():
     assert model((moving, moving)).shape == (2, *SHAPE, 3)
     assert model.predict_ddf(moving, moving).shape == (2, *SHAPE, 3)
     assert model.predict_ddf(moving[0], moving[0]).shape == (1, *SHAPE, 3)
-    assert model.warp(moving, np.zeros((2, *SHAPE, 3), np.float32)).shape == (2, *SHAPE)
     with pytest.raises(ValueError, match="same shape|batch, D, H, W"):
         model.predict_ddf(moving, moving[:, :-1])
 
@@ -74,7 +73,7 @@ def test_untrained_network_predicts_the_identity():
     pair = _pair(0)
     ddf = model.predict_ddf(pair["moving"], pair["fixed"])
     assert np.array_equal(ddf, np.zeros_like(ddf))
-    np.testing.assert_allclose(model.warp(pair["moving"][None], ddf)[0], pair["moving"], atol=1e-4)
+    np.testing.assert_allclose(spatial.warp(pair["moving"][None], ddf).numpy()[0], pair["moving"], atol=1e-4)
 
 
 def test_upsample2_is_trilinear_with_half_pixel_centres():
@@ -104,13 +103,13 @@ def test_ddf_loss_and_its_region_weights():
     truth = np.zeros((1, 6, 6, 6, 3), np.float32)
     predicted = truth.copy()
     predicted[0, 0, 0, 0] = [3.0, 4.0, 0.0]  # one voxel off by 5
-    assert float(network.ddf_loss(truth, predicted, "epe")) == pytest.approx(5 / 216, abs=2e-3)  # sqrt(e**2 + 1e-6)
-    assert float(network.ddf_loss(truth, predicted, "mse")) == pytest.approx(25 / 216)
+    assert float(objective.ddf_loss(truth, predicted, "epe")) == pytest.approx(5 / 216, abs=2e-3)  # sqrt(e**2 + 1e-6)
+    assert float(objective.ddf_loss(truth, predicted, "mse")) == pytest.approx(25 / 216)
     label = np.zeros((1, 6, 6, 6), np.float32)
     label[0, 5, 5, 5] = 1
-    weights = network.region_weights(label, outside=0.1, margin=1).numpy()
+    weights = objective.region_weights(label, outside=0.1, margin=1).numpy()
     assert weights[0, 4:, 4:, 4:].min() == 1 and weights[0, :4].max() == pytest.approx(0.1)
-    assert float(network.ddf_loss(truth, predicted, "epe", weights)) == pytest.approx(0.5 / weights.sum(), abs=2e-3)
+    assert float(objective.ddf_loss(truth, predicted, "epe", weights)) == pytest.approx(0.5 / weights.sum(), abs=2e-3)
 
 
 def test_saved_and_reloaded_model_predicts_the_same_ddf(tmp_path):
@@ -278,7 +277,7 @@ def test_train_command_reports_a_missing_dataset(tmp_path, capsys):
 def test_evaluate_reports_accuracy_and_speed():
     model = network.RegistrationNetwork(**SMALL)
     pairs = [_pair(4), _pair(5)]
-    result = network.evaluate(model, pairs)
+    result = evaluate.evaluate(model, pairs)
     mean = result["mean"]
     assert len(result["pairs"]) == 2
     assert mean["tre_mm"] == pytest.approx(mean["initial_mm"])  # the untrained network does not move
@@ -290,7 +289,7 @@ def test_evaluate_reports_accuracy_and_speed():
 def test_evaluate_without_a_true_ddf_reports_dice_and_folding_only():
     model = network.RegistrationNetwork(**SMALL)
     pairs = [{k: v for k, v in _pair(i).items() if k != "ddf"} for i in (6, 7)]
-    mean = network.evaluate(model, pairs)["mean"]
+    mean = evaluate.evaluate(model, pairs)["mean"]
     assert "tre_mm" not in mean and "tre_ratio" not in mean
     assert mean["dice_after"] == pytest.approx(mean["dice_before"]) and mean["folding"] == 0.0
 
@@ -298,8 +297,8 @@ def test_evaluate_without_a_true_ddf_reports_dice_and_folding_only():
 def test_evaluate_compares_the_classical_optimiser_on_the_first_pairs():
     model = network.RegistrationNetwork(**SMALL)
     pairs = [_pair(8, shape=(16, 16, 16)), _pair(9, shape=(16, 16, 16))]
-    options = {**network.CLASSICAL, "grid_spacing": 4, "levels": 2, "steps": (40, 40)}
-    rows = network.evaluate(model, pairs, classical=1, classical_options=options)["pairs"]
+    options = {**presets.LUNG_CLASSICAL, "grid_spacing": 4, "levels": 2, "steps": (40, 40)}
+    rows = evaluate.evaluate(model, pairs, classical=1, classical_options=options)["pairs"]
     assert rows[0]["classical_tre_mm"] < 0.8 * rows[0]["initial_mm"] and rows[0]["classical_seconds"] > 0
     assert rows[0]["classical_dice_after"] > rows[0]["classical_dice_before"]
     assert not any(key.startswith("classical") for key in rows[1])

@@ -78,7 +78,7 @@ def _add_data(commands: argparse._SubParsersAction) -> argparse._SubParsersActio
 
 
 def _train(args: argparse.Namespace) -> int:
-    from teachreg import colab, train  # TensorFlow loads only for this command
+    from teachreg import device, train  # TensorFlow loads only for this command
 
     try:
         config = train.load_config(args.config)
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:  # a missing file or dataset, a wrong config key or value
         print(f"teachreg: error: {err}", file=sys.stderr)
         return 1
-    print(f"trained {len(history)} epochs on {colab.device_description()}; final loss "
+    print(f"trained {len(history)} epochs on {device.description()}; final loss "
           f"{history[-1]['total']:.4f}" if history else "nothing to train")
     return 0
 

@@ -13,7 +13,6 @@ that it runs on the CPU (every chapter is sized to run on a laptop CPU in a few 
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from importlib import metadata
@@ -24,33 +23,23 @@ def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def device_description() -> str:
-    """The GPU(s) TensorFlow uses, by name, or the CPU and its core count."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-        return f"GPU: {', '.join(names)}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {platform.machine()}, {cores} cores"
-
-
 def summary() -> str:
     """Two lines, each short enough for the book's code column: the teachreg, TensorFlow and Python
     versions and where this runs; then the GPU or the CPU."""
     import tensorflow as tf
+
+    from teachreg import device
 
     try:
         version = metadata.version("teachreg")
     except metadata.PackageNotFoundError:
         version = "(not installed)"
     python = platform.python_version()
-    device = device_description()
-    if device.startswith("CPU"):
-        device = f"no GPU, {device} (enough for every chapter)"
+    hardware = device.description()
+    if hardware.startswith("CPU"):
+        hardware = f"no GPU, {hardware} (enough for every chapter)"
     where = "Colab" if on_colab() else "local"
-    return f"teachreg {version}, TensorFlow {tf.__version__}, Python {python} ({where})\n{device}"
+    return f"teachreg {version}, TensorFlow {tf.__version__}, Python {python} ({where})\n{hardware}"
 
 
 def enable_colab_widgets() -> bool:

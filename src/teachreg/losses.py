@@ -209,7 +209,8 @@ def mutual_information_loss(fixed, warped, bins: int = 23, sigma_ratio: float = 
 
 
 IMAGE_LOSSES = {"ssd": ssd_loss, "ncc": ncc_loss, "lncc": lncc_loss, "mi": mutual_information_loss}
-"""Image losses by short name, each called as `loss(fixed, warped, mask=None)` and minimised."""
+"""Image losses by short name, each called as `loss(fixed, warped, mask=None)` and minimised
+(`REGULARISERS`, at the end of the module, names the deformation regularisers alike)."""
 
 
 # --- labels -----------------------------------------------------------------------------------
@@ -324,3 +325,7 @@ def gradient_l2_loss(ddf) -> tf.Tensor:
     """
     gradient = spatial.spatial_gradient(_validate.ddf("ddf", ddf))
     return 3.0 * tf.reduce_mean(tf.square(gradient))
+
+
+REGULARISERS = {"bending": bending_energy_loss, "l2": gradient_l2_loss, "l1": gradient_l1_loss}
+"""Deformation regularisers by short name, each called as `regulariser(ddf)` and minimised."""

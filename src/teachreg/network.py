@@ -6,7 +6,8 @@ up; every decoder level (and the bottleneck) emits a DDF, and the DDFs are upsam
 coarse to fine. The network works at half resolution and the summed DDF is upsampled
 (trilinearly) to the input grid: lung motion is smooth, and it keeps inference under a second per
 104x96x96 pair on a 2-core CPU. The DDF heads start at zero, so an untrained network predicts the
-identity warp.
+identity warp. Its training objective is in `teachreg.objective`, its evaluation beside the
+classical optimiser in `teachreg.evaluate`.
 
 Conventions as in `teachreg.spatial`: images `[batch, D, H, W]` (here in Hounsfield units), DDFs
 `[batch, D, H, W, 3]` in voxels on the fixed grid with components along (D, H, W), pulling:
@@ -14,14 +15,12 @@ Conventions as in `teachreg.spatial`: images `[batch, D, H, W]` (here in Hounsfi
 
 >>> model = load_pretrained("lung_ct")
 >>> ddf = model.predict_ddf(moving, fixed)  # [batch, D, H, W, 3], voxels
->>> warped = model.warp(moving, ddf)        # [batch, D, H, W]
+>>> warped = spatial.warp(moving, ddf)      # [batch, D, H, W]
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -29,17 +28,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from teachreg import losses, metrics, spatial
-from teachreg.register import REGULARISERS
+from teachreg import files
 
 WINDOW = (-1000.0, 500.0)
 """The CT window (HU) that `normalise` maps to [0, 1]: air to dense soft tissue, clipped."""
-
-LOSS_TERMS = ("image", "label", "ddf", "regulariser")
-"""The terms of the training objective, each with its own weight (see `registration_losses`)."""
-
-DDF_LOSSES = ("mse", "epe")
-"""The kinds of `ddf_loss`."""
 
 PRETRAINED = {"lung_ct": "lung_ct"}
 """Pretrained models shipped in `teachreg/weights/`: name -> file stem (`.weights.h5` + `.json`)."""
@@ -179,84 +171,8 @@ class RegistrationNetwork(keras.Model):
             for i in range(0, len(moving), batch_size)
         ])
 
-    @staticmethod
-    def warp(image, ddf, interpolation: str = "linear", padding: str = "border") -> np.ndarray:
-        """Warp `image` `[batch, D, H, W(, C)]` by `ddf` `[batch, D, H, W, 3]` (see `spatial.warp`); NumPy."""
-        return spatial.warp(np.asarray(image, np.float32), ddf, interpolation=interpolation, padding=padding).numpy()
-
-
-# --- training objective -----------------------------------------------------------------------
-
-
-def ddf_loss(ddf_true, ddf, kind: str = "mse", weights=None) -> tf.Tensor:
-    """Distance between a predicted and a ground-truth DDF `[batch, D, H, W, 3]` (voxels), minimised.
-
-    "mse": mean over voxels and batch of the squared displacement error (voxels**2); "epe": mean
-    end-point error, the Euclidean length of the error (voxels), as the TRE but in voxels.
-    `weights` `[batch, D, H, W]`: a weighted mean over the voxels instead.
-    """
-    squared = tf.reduce_sum(tf.square(tf.cast(ddf, tf.float32) - ddf_true), axis=-1)
-    if kind == "mse":
-        error = squared
-    elif kind == "epe":
-        error = tf.sqrt(squared + 1e-6)
-    else:
-        raise ValueError(f"ddf loss must be 'mse' or 'epe', got {kind!r}.")
-    if weights is None:
-        return tf.reduce_mean(error)
-    return tf.reduce_sum(error * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
-
-
-def region_weights(label, outside: float, margin: int = 2) -> tf.Tensor:
-    """Voxel weights `[batch, D, H, W]`: 1 within `margin` voxels of `label` `[batch, D, H, W(, L)]` (any label), `outside` elsewhere."""
-    label = tf.cast(label, tf.float32)
-    label = tf.reduce_max(label, axis=-1) if label.shape.rank == 5 else label
-    near = tf.nn.max_pool3d(label[..., None], 2 * margin + 1, 1, "SAME")[..., 0]
-    return outside + (1.0 - outside) * tf.cast(near > 0.5, tf.float32)
-
-
-def registration_losses(batch: dict, ddf, weights: dict, image_loss: str = "lncc", regulariser: str = "bending",
-                        ddf_kind: str = "mse", ddf_outside: float = 1.0, window=WINDOW) -> dict:
-    """The terms of the training objective and their weighted sum, `"total"` (float32 scalars).
-
-    batch: "moving", "fixed" `[batch, D, H, W]` (units of `window`), and as the weights need them
-    "moving_label", "fixed_label" `[batch, D, H, W(, L)]` in [0, 1] and "ddf" `[batch, D, H, W, 3]`
-    (the ground truth, voxels). ddf: the prediction `[batch, D, H, W, 3]`. A term with weight 0 is
-    not computed:
-    - "image": `losses.IMAGE_LOSSES[image_loss](fixed, warped moving)` on normalised images;
-    - "label": `losses.dice_loss(fixed_label, warped moving_label)` (trilinear warp, soft labels);
-    - "ddf": `ddf_loss(ddf_true, ddf, ddf_kind)` against the ground truth (supervised); with
-      `ddf_outside` < 1, voxels farther than 2 voxels from the fixed label weigh `ddf_outside`
-      (`region_weights`): the displacement of uniform air or soft tissue cannot be seen in the images;
-    - "regulariser": `register.REGULARISERS[regulariser](ddf)` ("bending", "l2", "l1").
-    """
-    ddf = tf.cast(ddf, tf.float32)
-    terms = {}
-    if weights.get("image", 0):
-        warped = spatial.warp(normalise(batch["moving"], window), ddf)
-        terms["image"] = losses.IMAGE_LOSSES[image_loss](normalise(batch["fixed"], window), warped)
-    if weights.get("label", 0):
-        warped_label = spatial.warp(batch["moving_label"], ddf, padding="zeros")
-        terms["label"] = losses.dice_loss(batch["fixed_label"], warped_label)
-    if weights.get("ddf", 0):
-        region = region_weights(batch["fixed_label"], ddf_outside) if ddf_outside < 1 else None
-        terms["ddf"] = ddf_loss(batch["ddf"], ddf, ddf_kind, region)
-    if weights.get("regulariser", 0):
-        terms["regulariser"] = REGULARISERS[regulariser](ddf)
-    terms["total"] = tf.add_n([float(weights[name]) * value for name, value in terms.items()])
-    return terms
-
 
 # --- saving and the pretrained models ---------------------------------------------------------
-
-
-def sha256(path) -> str:
-    """The SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save(model: RegistrationNetwork, path, **metadata) -> Path:
@@ -268,10 +184,10 @@ def save(model: RegistrationNetwork, path, **metadata) -> Path:
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights = stem.with_name(stem.name + ".weights.h5")
     model.save_weights(weights)
-    info = {"weights": weights.name, "sha256": sha256(weights), "model": {"channels": list(model.channels),
+    info = {"weights": weights.name, "sha256": files.sha256(weights), "model": {"channels": list(model.channels),
             "window": list(model.window)}, **metadata}
     target = stem.with_name(stem.name + ".json")
-    target.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    files.write_atomic(target, json.dumps(info, indent=1) + "\n")
     return target
 
 
@@ -283,7 +199,7 @@ def load(path) -> RegistrationNetwork:
     stem = Path(str(path).removesuffix(".json"))
     info = json.loads(stem.with_name(stem.name + ".json").read_text(encoding="utf-8"))
     weights = stem.with_name(info["weights"])
-    actual = sha256(weights)
+    actual = files.sha256(weights)
     if actual != info["sha256"]:
         raise ChecksumMismatchError(
             f"{weights} has SHA-256 {actual}, but {stem.name}.json records {info['sha256']}: the weights "
@@ -314,80 +230,3 @@ def load_pretrained(name: str = "lung_ct") -> RegistrationNetwork:
 def weights_folder():
     """The folder of the shipped weights, `teachreg/weights/` inside the installed package."""
     return resources.files("teachreg") / "weights"
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", regulariser_weight=0.1, learning_rate=0.2,
-                 levels=3, steps=(100, 100, 50))
-"""`register.nonrigid`'s options for the classical registration the lung network is compared with
-(chapter 5 and `make bench`): chapter 4's optimiser with LNCC, a B-spline grid every 8 voxels and
-the diffusion regulariser; it sees no labels, as the network at inference."""
-
-
-def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0, classical_options=CLASSICAL) -> dict:
-    """Accuracy and speed of `model` on `pairs`; a dict of per-pair figures and their means.
-
-    pairs: dicts with "moving", "fixed" `[D, H, W]` (HU), "moving_label", "fixed_label" `[D, H, W]`
-    (binary masks), optionally "ddf" `[D, H, W, 3]` (ground truth, voxels; real pairs have none),
-    "name" and "spacing" (mm per voxel along D, H, W; or give `spacing`). Per pair, the figures of
-    `accuracy` and `seconds`, the wall time of `predict_ddf` for the pair (after one warm-up call).
-    The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
-    With `classical` > 0, the first `classical` pairs are also registered by `register.nonrigid`
-    (`classical_options`, by default `CLASSICAL`; images only, no labels): keys `classical_*`;
-    `classical_seconds` is timed after a warm-up run that compiles the optimiser's steps, as
-    `seconds` is after the network's first call.
-    """
-    from teachreg import register
-
-    rows = []
-    model.predict_ddf(pairs[0]["moving"], pairs[0]["fixed"])  # warm-up: trace the function once
-    if classical > 0:  # one step per level compiles every level (see register.nonrigid)
-        register.nonrigid(pairs[0]["moving"], pairs[0]["fixed"], **{**classical_options, "steps": 1})
-    for i, pair in enumerate(pairs):
-        step = spacing if spacing is not None else pair["spacing"]
-        start = time.perf_counter()
-        ddf = model.predict_ddf(pair["moving"], pair["fixed"])
-        row = {"name": pair.get("name", str(i)), "seconds": time.perf_counter() - start}
-        row.update(accuracy(ddf, pair, step))
-        if i < classical:
-            result = register.nonrigid(pair["moving"], pair["fixed"], **classical_options)
-            row.update({f"classical_{k}": v for k, v in accuracy(result.ddf.numpy(), pair, step).items()})
-            row["classical_seconds"] = result.seconds
-        rows.append(row)
-    keys = [k for k in rows[0] if k != "name"]
-    mean = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
-    if "tre_mm" in mean:
-        mean["tre_ratio"] = mean["tre_mm"] / mean["initial_mm"]
-    return {"pairs": rows, "mean": mean}
-
-
-def accuracy(ddf, pair: dict, spacing) -> dict:
-    """Dice before and after, folding and, where `pair` has a true "ddf", the TRE of one predicted DDF.
-
-    ddf: `[D, H, W, 3]` or `[1, D, H, W, 3]` (voxels); pair: "moving_label", "fixed_label"
-    `[D, H, W]` (binary masks), optionally "ddf" `[D, H, W, 3]`; spacing: mm per voxel along D, H, W.
-    - `dice_before` / `dice_after`: Dice of the fixed mask with the moving mask unwarped / warped
-      (trilinear, thresholded at 0.5);
-    - `folding`: fraction of voxels where the Jacobian determinant of the map is <= 0;
-    - `initial_mm` / `tre_mm`: mean displacement error in mm of the identity / of `ddf` against the
-      true DDF, over the fixed lung mask; `initial_all_mm` / `tre_all_mm`: over the whole volume.
-    """
-    ddf = np.asarray(ddf, np.float32)
-    ddf = ddf.reshape(ddf.shape[-4:])
-    spacing = np.asarray(spacing, np.float64)
-    mask = np.asarray(pair["fixed_label"]) > 0.5
-    moving_mask = np.asarray(pair["moving_label"]) > 0.5
-    warped = spatial.warp(moving_mask[None].astype(np.float32), ddf[None], padding="zeros").numpy()[0] >= 0.5
-    row = {"dice_before": metrics.dice(moving_mask, mask), "dice_after": metrics.dice(warped, mask),
-           "folding": metrics.folding_fraction(ddf)}
-    if pair.get("ddf") is not None:
-        truth = np.asarray(pair["ddf"], np.float32)
-        zero = np.zeros_like(truth)
-        row.update({
-            "initial_mm": metrics.target_registration_error(zero, truth, spacing, mask=mask),
-            "tre_mm": metrics.target_registration_error(ddf, truth, spacing, mask=mask),
-            "initial_all_mm": metrics.target_registration_error(zero, truth, spacing),
-            "tre_all_mm": metrics.target_registration_error(ddf, truth, spacing),
-        })
-    return row

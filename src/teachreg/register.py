@@ -1,7 +1,13 @@
 """Classical registration by optimisation: the transform is fitted to one image pair with Adam.
 
-`affine(moving, fixed)` fits 12 affine parameters. Every optimiser returns a `Result` whose `ddf`
-maps the fixed grid into the moving image, so `result.warp(moving)` resembles `fixed`.
+- `affine(moving, fixed)` fits 12 affine parameters;
+- `nonrigid(moving, fixed)` fits a dense deformation ("ddf": a displacement per voxel, "bspline":
+  B-spline control points, "svf": a stationary velocity field), coarse to fine on an image
+  pyramid, optionally driven by labels too and started from an affine `Result`.
+
+Both return a `Result`: its `ddf` `[1, D, H, W, 3]` (voxels, on the fixed grid) maps the fixed grid
+into the moving image, so `result.warp(moving)` resembles `fixed`; it also holds the loss history
+and the time taken.
 """
 
 from __future__ import annotations
@@ -55,6 +61,15 @@ class Result:
         x = volume if batched else volume[None]
         out = spatial.warp(x.astype(np.float32), self.ddf, interpolation=interpolation, padding=padding).numpy()
         return out if batched else out[0]
+
+    def warp_label(self, label, threshold: float = 0.5, padding: str = "border") -> np.ndarray:
+        """Warp a label `[D, H, W]` or `[D, H, W, L]` (binary or soft, in [0, 1]) to a boolean mask.
+
+        Linear interpolation, then `>= threshold`: the warped mask that `metrics.dice` scores.
+        `padding` as in `warp` ("zeros": a label touching the moving image's border does not
+        spread outside it). Same shape back.
+        """
+        return self.warp(label, padding=padding) >= threshold
 
 
 def intensity_window(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:
@@ -247,10 +262,6 @@ def _decaying(learning_rate: float, steps: int):
     return keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1), alpha=0.01)
 
 
-REGULARISERS = {"bending": losses.bending_energy_loss, "l2": losses.gradient_l2_loss, "l1": losses.gradient_l1_loss}
-"""Deformation regularisers by name, each called as `regulariser(ddf)` and minimised."""
-
-
 def nonrigid(
     moving,
     fixed,
@@ -275,7 +286,7 @@ def nonrigid(
     mapped to [0, 1] by its own 1st-99th percentile window.
     The objective is `loss(fixed, warped)` (a name in `losses.IMAGE_LOSSES`, counted only where
     the sample lies inside the moving image) `+ regulariser_weight * regulariser(ddf)` (a name in
-    `REGULARISERS`, in voxel units of each level) `+ label_weight * dice_loss(fixed_label,
+    `losses.REGULARISERS`, in voxel units of each level) `+ label_weight * dice_loss(fixed_label,
     warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` in [0, 1] are given.
     `transform`: "ddf" (a free displacement per voxel, the tutorial's parameterisation), "bspline"
     (cubic B-spline control points every `grid_spacing` >= 1 voxels of the finest level) or "svf"
@@ -287,8 +298,9 @@ def nonrigid(
     """
     if transform not in ("ddf", "bspline", "svf"):
         raise ValueError(f"transform must be 'ddf', 'bspline' or 'svf', got {transform!r}.")
-    if regulariser not in REGULARISERS:
-        raise ValueError(f"regulariser must be one of {sorted(REGULARISERS)}, got {regulariser!r}.")
+    if regulariser not in losses.REGULARISERS:
+        raise ValueError(f"regulariser must be one of {sorted(losses.REGULARISERS)}, got {regulariser!r}.")
+    _image_loss(loss)  # checks the name
     if (moving_label is None) != (fixed_label is None):
         raise ValueError("give both moving_label and fixed_label, or neither.")
     _validate.whole_number("levels", levels, 1)
@@ -300,44 +312,32 @@ def nonrigid(
     # The bending energy needs 3 voxels per axis, the gradient regularisers 2.
     moving_t, fixed_t = _pair(moving, fixed, levels, coarsest=3 if regulariser == "bending" else 2, window="each",
                               constant_ok=moving_label is not None and label_weight > 0)
-    _image_loss(loss)  # checks the name
     shape = tuple(fixed_t.shape[1:4])
     labels = None if moving_label is None else _label_pair(moving_label, fixed_label, shape)
+    initial_ddf = None
     if initial is not None:  # register the affinely pre-warped image, compose at the end
         initial_ddf = _validate.ddf("initial.ddf", initial.ddf)
         if tuple(initial_ddf.shape) != (1, *shape, 3):
             raise ValueError(f"initial.ddf must have shape {[1, *shape, 3]} (the fixed image's grid), "
                              f"got {tuple(initial_ddf.shape)}.")
-        moving_t = spatial.warp(moving_t, initial.ddf)
+        moving_t = spatial.warp(moving_t, initial_ddf)
         if labels is not None:
-            labels = (spatial.warp(labels[0], initial.ddf), labels[1])
+            labels = (spatial.warp(labels[0], initial_ddf), labels[1])
 
     pyramid = list(_pyramid(moving_t, fixed_t, levels, 0.0))
     # Without labels the images stand in for them; the label term is then left out of the objective.
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else pyramid
     weights = tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)
-    params = None
+    loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None)
+    params = ddf = None
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start, paused = time.perf_counter(), 0.0
     for level, ((moving_l, fixed_l), (mlabel_l, flabel_l)) in enumerate(zip(pyramid, label_pyramid)):
-        level_shape = tuple(fixed_l.shape[1:4])
-        if transform == "bspline":
-            # The control grid is refined with the images, as elastix does: at the coarsest level
-            # its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
-            scale = (np.asarray(level_shape, np.float32) - 1) / np.maximum(np.asarray(shape, np.float32) - 1, 1)
-            spacing = grid_spacing * 2 ** (levels - 1 - level) * scale
-            control_shape = spatial.bspline_control_shape(level_shape, spacing)
-            bases = [spatial.bspline_basis(n, s_, c) for n, s_, c in zip(level_shape, spacing, control_shape)]
-            initial_points = tf.zeros([1, *control_shape, 3]) if params is None else spatial.fit_bspline(
-                spatial.resize_ddf(to_ddf(params), level_shape), bases)
-            bases = [tf.constant(b) for b in bases]
-            params = tf.Variable(initial_points)
-        else:
-            bases = None
-            params = tf.Variable(tf.zeros([1, *level_shape, 3]) if params is None else spatial.resize_ddf(params, level_shape))
-        to_ddf = functools.partial(_to_ddf, transform, bases=bases)
+        # The B-spline control grid is refined with the images, as elastix does: at the coarsest
+        # level its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
+        params, bases = _level_start(transform, params, ddf, tuple(fixed_l.shape[1:4]), shape,
+                                     grid_spacing * 2 ** (levels - 1 - level))
         optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
-        loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None)
         recent: list[float] = []
         for step in range(steps[level]):
             value, grads = loss_and_grads(tf.convert_to_tensor(params), bases, moving_l, fixed_l, mlabel_l, flabel_l, *weights)
@@ -349,11 +349,36 @@ def nonrigid(
             paused += _notify(callback, level, step, value)
             if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
                 break
-        final_ddf = to_ddf(params)
+        ddf = _to_ddf(transform, params, bases)
     result.seconds = time.perf_counter() - start - paused
-    ddf = final_ddf if tuple(final_ddf.shape[1:4]) == shape else spatial.resize_ddf(final_ddf, shape)
-    result.ddf = ddf if initial is None else spatial.compose_ddf(initial.ddf, ddf)
+    ddf = ddf if tuple(ddf.shape[1:4]) == shape else spatial.resize_ddf(ddf, shape)
+    result.ddf = ddf if initial_ddf is None else spatial.compose_ddf(initial_ddf, ddf)
     return result
+
+
+def _level_start(transform: str, params, ddf, level_shape: tuple[int, int, int], shape: tuple[int, int, int],
+                 grid_spacing: float) -> tuple[tf.Variable, list[tf.Tensor] | None]:
+    """One pyramid level's parameters to optimise, started from the previous level's, and its B-spline bases.
+
+    params, ddf: the previous (coarser) level's parameters and its DDF (voxels of that level), or
+    None at the coarsest level, which starts from zero. level_shape: this level's grid (D, H, W);
+    shape: the finest level's. grid_spacing: B-spline only, the control points' spacing at this
+    level in voxels of the finest level.
+    Returns (params, bases): for "ddf" and "svf", a `tf.Variable` `[1, D, H, W, 3]` (a displacement
+    or a velocity per voxel, resized from the previous level's) and None; for "bspline", control
+    points `[1, d, h, w, 3]` (fitted to the previous DDF) and the three `spatial.bspline_basis`
+    matrices `[D, d]`, `[H, h]`, `[W, w]` as tensors.
+    """
+    if transform != "bspline":
+        start = tf.zeros([1, *level_shape, 3]) if params is None else spatial.resize_ddf(params, level_shape)
+        return tf.Variable(start), None
+    scale = (np.asarray(level_shape, np.float32) - 1) / np.maximum(np.asarray(shape, np.float32) - 1, 1)
+    spacing = grid_spacing * scale  # in voxels of this level
+    control_shape = spatial.bspline_control_shape(level_shape, spacing)
+    bases = [spatial.bspline_basis(n, s, c) for n, s, c in zip(level_shape, spacing, control_shape)]
+    start = (tf.zeros([1, *control_shape, 3]) if ddf is None
+             else spatial.fit_bspline(spatial.resize_ddf(ddf, level_shape), bases))
+    return tf.Variable(start), [tf.constant(b) for b in bases]
 
 
 def _to_ddf(transform: str, params, bases=None) -> tf.Tensor:
@@ -372,7 +397,7 @@ def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_la
     One function per combination of options, kept for the session: a later registration with
     the same options and image size reuses the compiled code instead of compiling it again.
     """
-    loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], REGULARISERS[regulariser]
+    loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], losses.REGULARISERS[regulariser]
 
     @tf.function(jit_compile=True)
     def loss_and_grads(params, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight):

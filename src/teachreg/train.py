@@ -40,8 +40,7 @@ import yaml
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from teachreg import colab, losses, network, spatial
-from teachreg.register import REGULARISERS
+from teachreg import device, files, losses, network, objective, spatial
 
 DEFAULTS = {
     "name": "model",  # the saved model is OUTPUT/NAME.weights.h5 + OUTPUT/NAME.json
@@ -75,10 +74,11 @@ MODES = {
     "combined": {"image": 1.0, "label": 1.0, "ddf": 0.0, "regulariser": 0.5},
     "supervised": {"image": 0.0, "label": 0.0, "ddf": 1.0, "regulariser": 0.0},
 }
-"""Each training mode's default loss weights (see `network.registration_losses`); `weights` overrides them."""
+"""Each training mode's default loss weights (see `objective.registration_losses`); `weights` overrides them."""
 
-CHOICES = {"mode": MODES, "image_loss": losses.IMAGE_LOSSES, "regulariser": REGULARISERS, "ddf_loss": network.DDF_LOSSES,
-           "schedule": ("constant", "cosine"), "strategy": ("auto", "default", "mirrored")}
+CHOICES = {"mode": MODES, "image_loss": losses.IMAGE_LOSSES, "regulariser": losses.REGULARISERS,
+           "ddf_loss": objective.DDF_LOSSES, "schedule": ("constant", "cosine"),
+           "strategy": ("auto", "default", "mirrored")}
 """The names each naming config key accepts."""
 
 RESUMABLE = ("epochs", "output")
@@ -113,10 +113,10 @@ def load_config(config=None, **overrides) -> dict:
             if not isinstance(value or {}, dict):
                 raise ValueError(f"{key} must be a mapping (`{key}: {{name: value, ...}}`), got {value!r}.")
             if key == "weights":
-                unknown = set(value or {}) - set(network.LOSS_TERMS)
+                unknown = set(value or {}) - set(objective.LOSS_TERMS)
                 if unknown:
                     raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; "
-                                     f"the terms are {list(network.LOSS_TERMS)}.")
+                                     f"the terms are {list(objective.LOSS_TERMS)}.")
                 merged[key] = {k: _checked(f"weights.{k}", v, 0.0) for k, v in (value or {}).items()}
                 continue
             unknown = set(value or {}) - set(DEFAULTS[key])
@@ -377,21 +377,13 @@ def _read_history(path: Path, last_epoch: int) -> list[dict]:
         raise ValueError(f"{path} cannot be read ({err}); {_AFRESH}.") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` by a temporary file and `os.replace`, so that `path` is never half written."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 def _write_history(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, text.getvalue())
+    files.write_atomic(path, text.getvalue())
 
 
 def train(config=None, output=None, epochs: int | None = None, resume: bool = True, progress: bool = True,
@@ -429,7 +421,7 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
         if (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         (out / "history.csv").unlink(missing_ok=True)
-    _write_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    files.write_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     keras.utils.set_random_seed(config["seed"])
     strategy = _strategy(config["strategy"])
@@ -482,7 +474,7 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
                 print(f"epoch {epoch + 1}/{config['epochs']}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")) + f" ({row['seconds']:.0f} s)")
         writer.flush()
-        network.save(model, out / config["name"], config=config, device=colab.device_description(),
+        network.save(model, out / config["name"], config=config, device=device.description(),
                      mixed_precision=mixed, replicas=strategy.num_replicas_in_sync, tensorflow=tf.__version__,
                      seconds=float(sum(r["seconds"] for r in history)), history=history,
                      **({"init": start_from} if start_from else {}))
@@ -516,7 +508,7 @@ def _train_step(model, optimizer, strategy: tf.distribute.Strategy, config: dict
     def replica_step(batch):
         with tf.GradientTape() as tape:
             ddf = model((batch["moving"], batch["fixed"]), training=True)
-            terms = network.registration_losses(batch, ddf, **options)
+            terms = objective.registration_losses(batch, ddf, **options)
             # Gradients are summed over replicas, so each replica's loss is divided by their number.
             scaled = optimizer.scale_loss(terms["total"] / strategy.num_replicas_in_sync)
         gradients = tape.gradient(scaled, model.trainable_variables)

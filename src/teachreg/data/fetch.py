@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import os
 import re
 import secrets
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import pooch
 import yaml
+
+from teachreg import files
 
 DATA_DIR_ENV = "TEACHREG_DATA_DIR"
 MIRROR_ENV = "TEACHREG_DATA_MIRROR"
@@ -119,14 +120,6 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or pooch.os_cache("teachreg"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # Cached files verified by this process: path -> (size, mtime_ns) when they were hashed.
 _verified: dict[Path, tuple[int, int]] = {}
 
@@ -143,7 +136,7 @@ def _is_valid(path: Path, entry: FileEntry) -> bool:
     key = _stat_key(path)
     if _verified.get(path) == key:
         return True
-    if key[0] != entry.size or _sha256(path) != entry.sha256:
+    if key[0] != entry.size or files.sha256(path) != entry.sha256:
         return False
     _verified[path] = key
     return True
@@ -159,7 +152,7 @@ def _write_verified(dest: Path, entry: FileEntry, write) -> bool:
     try:
         with open(tmp, "xb") as out:
             write(out)
-        if _sha256(tmp) != entry.sha256:
+        if files.sha256(tmp) != entry.sha256:
             return False
         os.replace(tmp, dest)
         return True

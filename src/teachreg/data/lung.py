@@ -82,6 +82,8 @@ from scipy import ndimage
 from skimage import measure
 from tqdm.auto import tqdm
 
+from teachreg.files import write_atomic
+
 from .fetch import DataError, data_dir
 from .loaders import Pair, Volume, _dicom_zyx, _lps_zyx, _nifti, _nrrd_zyx, load
 
@@ -548,9 +550,7 @@ def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: 
         record["splits"][split] = dict(parameters=params, **_build_split(root, split, grid, spacing, seed, ct,
                                                                           masks, ct_state, progress))
         record["parameters"] = params
-        tmp = record_path.with_suffix(".json.part")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, record_path)
+        write_atomic(record_path, json.dumps(record, indent=1))
     return root
 
 
