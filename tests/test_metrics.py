@@ -158,3 +158,25 @@ def test_folding_fraction_rejects_bad_inputs():
         metrics.folding_fraction(np.zeros((*SHAPE, 2)))
     with raises("ddf", "NaN"):
         metrics.folding_fraction(np.full((*SHAPE, 3), np.nan))
+
+
+# --- displacement in mm ------------------------------------------------------------------------
+
+
+def test_displacement_mm_of_known_fields():
+    spacing = (3.0, 2.0, 0.5)
+    ddf = np.zeros((*SHAPE, 3), np.float32)
+    ddf[..., 0] = 1.0  # one voxel along D: 3 mm
+    np.testing.assert_allclose(metrics.displacement_mm(ddf, spacing), 3.0)
+    ddf[..., 1:] = [2.0, 8.0]  # (3, 4, 4) mm
+    lengths = metrics.displacement_mm(ddf[None], spacing)
+    assert lengths.shape == SHAPE
+    np.testing.assert_allclose(lengths, np.sqrt(9 + 16 + 16))
+    # the error map of a DDF against the truth, whose mean is the target registration error
+    truth = RNG.normal(size=(*SHAPE, 3))
+    error = metrics.displacement_mm(ddf - truth, spacing)
+    assert error.mean() == pytest.approx(metrics.target_registration_error(ddf, truth, spacing), rel=1e-5)
+    with raises("spacing"):
+        metrics.displacement_mm(ddf, (1.0, 1.0))
+    with raises("ddf", "[D, H, W, 3]"):
+        metrics.displacement_mm(ddf[..., :2], spacing)

@@ -229,3 +229,48 @@ def test_warp_refuses_an_image_without_voxels():
     # An empty image reached XLA and failed a C++ RET_CHECK in the mirror padding.
     with pytest.raises(ValueError, match=r"^image must have at least 1 voxel along D, H and W, got shape \(1, 0, 4, 4\)"):
         spatial.warp(np.zeros((1, 0, 4, 4), np.float32), np.zeros((1, 0, 4, 4, 3), np.float32))
+
+
+# --- mm and voxels ---
+
+
+def test_affine_mm_to_voxels_of_a_known_scaling_and_round_trip():
+    spacing = (3.0, 2.0, 0.5)
+    # in mm: scale by 2 about the origin, then shift by (6, 4, 1) mm
+    affine_mm = np.array([[[2, 0, 0], [0, 2, 0], [0, 0, 2], [6, 4, 1]]], np.float32)
+    in_voxels = spatial.affine_mm_to_voxels(affine_mm, spacing).numpy()
+    # a scaling is the same in voxels; the shift becomes (2, 2, 2) voxels
+    expected = np.array([[[2, 0, 0], [0, 2, 0], [0, 0, 2], [2, 2, 2]]], np.float32)
+    np.testing.assert_allclose(in_voxels, expected, atol=1e-6)
+    point = np.array([1.0, 2.0, 3.0])  # voxels; in mm (3, 4, 1.5)
+    moved_mm = np.append(point * spacing, 1) @ affine_mm[0]
+    np.testing.assert_allclose(np.append(point, 1) @ in_voxels[0], moved_mm / spacing, rtol=1e-6)
+    rotation = spatial.affine_from_parameters(rotations=(20.0, 0.0, 10.0), translations=(5.0, -3.0, 2.0),
+                                              center=(60.0, 250.0, 250.0))
+    back = spatial.affine_voxels_to_mm(spatial.affine_mm_to_voxels(rotation, spacing), spacing)
+    np.testing.assert_allclose(back.numpy(), rotation.numpy(), atol=1e-4)
+
+
+def test_result_warp_label_thresholds_the_linear_warp():
+    from teachreg.register import Result
+
+    label = np.zeros((6, 8, 8), np.float32)
+    label[2:4, 2:5, 3:6] = 1  # columns 3 to 5
+    shift = Result(ddf=tf.constant(np.broadcast_to([0.0, 0.0, 1.5], (1, 6, 8, 8, 3)), tf.float32))
+
+    def columns(first, last):
+        out = np.zeros(label.shape, bool)
+        out[2:4, 2:5, first:last + 1] = True
+        return out
+
+    # column k reads x = k + 1.5: 1 for k = 2, 3; 0.5 for k = 1, 4 (half in, half out)
+    mask = shift.warp_label(label)
+    assert mask.dtype == bool and mask.shape == label.shape
+    np.testing.assert_array_equal(mask, columns(1, 4))
+    np.testing.assert_array_equal(shift.warp_label(label, threshold=0.9), columns(2, 3))
+    np.testing.assert_array_equal(shift.warp_label(np.stack([label, label], -1))[..., 1], columns(1, 4))
+    # a label on the last column: border padding repeats it beyond the image, zeros padding does not
+    edge = np.zeros_like(label)
+    edge[..., -1] = 1
+    assert shift.warp_label(edge)[..., -1].all()
+    assert not shift.warp_label(edge, padding="zeros")[..., -1].any()

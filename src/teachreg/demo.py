@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from teachreg import data, metrics, register, spatial
+from teachreg import data, losses, metrics, register, spatial
 
 
 def run(seed: int = 0, scale: float = 0.2, loss: str = "ssd") -> dict:
@@ -21,9 +21,9 @@ def run(seed: int = 0, scale: float = 0.2, loss: str = "ssd") -> dict:
     true_ddf = spatial.affine_to_ddf(spatial.invert_affine(transform), shape).numpy()
 
     result = register.affine(moving, ct.image, loss=loss)
-    warped_labels = result.warp(moving_labels)
+    warped_labels = result.warp_label(moving_labels)
     error = np.linalg.norm(result.ddf.numpy() - true_ddf, axis=-1)
-    error_mm = np.linalg.norm((result.ddf.numpy() - true_ddf) * np.asarray(ct.spacing), axis=-1)
+    error_mm = metrics.displacement_mm(result.ddf.numpy() - true_ddf, ct.spacing)
     figures = {
         "seconds": result.seconds,
         "initial_displacement_voxels": float(np.linalg.norm(true_ddf, axis=-1).mean()),
@@ -32,14 +32,14 @@ def run(seed: int = 0, scale: float = 0.2, loss: str = "ssd") -> dict:
     }
     for i, name in enumerate(ct.label_names):
         figures[f"dice_before_{name}"] = metrics.dice(moving_labels[..., i] >= 0.5, ct.labels[..., i] > 0)
-        figures[f"dice_after_{name}"] = metrics.dice(warped_labels[..., i] >= 0.5, ct.labels[..., i] > 0)
+        figures[f"dice_after_{name}"] = metrics.dice(warped_labels[..., i], ct.labels[..., i] > 0)
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss", default="ssd", choices=["ssd", "ncc", "lncc", "mi"])
+    parser.add_argument("--loss", default="ssd", choices=sorted(losses.IMAGE_LOSSES))
     args = parser.parse_args()
     print(f"Affine self-registration of a head-and-neck CT (random affine, seed {args.seed}, loss {args.loss})")
     figures = run(seed=args.seed, loss=args.loss)

@@ -1,8 +1,9 @@
 """Evaluation metrics (NumPy in, NumPy or float out), for judging registrations, not for training.
 
 `dice` is a score (maximised, in [0, 1]); `target_registration_error`, `landmark_error` and
-`folding_fraction` are errors (lower is better). DDFs are in voxels, as in `teachreg.spatial`;
-errors are returned in mm using the voxel `spacing` (mm per voxel along D, H and W).
+`folding_fraction` are errors (lower is better); `displacement_mm` maps how far each voxel moves.
+DDFs are in voxels, as in `teachreg.spatial`; errors and displacements are returned in mm using
+the voxel `spacing` (mm per voxel along D, H and W).
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def _spacing(spacing) -> np.ndarray:
     if array.shape != (3,) or not np.all(np.isfinite(array)) or not np.all(array > 0):
         raise ValueError(f"spacing must be 3 positive finite numbers (mm per voxel along D, H, W), got {spacing!r}.")
     return array
+
+
+def displacement_mm(ddf, spacing) -> np.ndarray:
+    """The length in mm of each voxel's displacement, `[D, H, W]` (float64).
+
+    `ddf`: `[D, H, W, 3]` or `[1, D, H, W, 3]` in voxels; `spacing`: 3 floats, mm per voxel along
+    D, H and W. The error map of a DDF against the truth is `displacement_mm(ddf - ddf_true, spacing)`.
+    """
+    _ddf("ddf", ddf)  # checks the shape and values
+    array = np.asarray(ddf, np.float64)
+    return np.linalg.norm((array[0] if array.ndim == 5 else array) * _spacing(spacing), axis=-1)
 
 
 def target_registration_error(ddf, ddf_true, spacing, mask=None) -> float:

@@ -23,6 +23,8 @@ OKABE_ITO = {
     "vermillion": "#D55E00",
     "reddish_purple": "#CC79A7",
 }
+LABEL_COLOURS = tuple(OKABE_ITO.values())
+"""The colour of label channel `c` is `LABEL_COLOURS[c % 7]`: orange, sky blue, bluish green, ..."""
 OVERLAP_COLOURS = {
     "true positive": OKABE_ITO["bluish_green"],
     "false positive": OKABE_ITO["orange"],
@@ -53,13 +55,32 @@ def show_slices(
     return show_slice_grid(volumes, titles, [index], spacing=spacing, labels=labels, cmap=cmap, suptitle=suptitle)
 
 
-def _contours(ax, label_slice: np.ndarray) -> None:
-    """Draw each label channel of a slice `[H, W]` or `[H, W, L]` as a contour in its own colour."""
+def contours(ax, label_slice: np.ndarray, linestyle: str = "solid", linewidth: float = 1.2, **kwargs) -> None:
+    """Draw each label channel of a slice `[H, W]` or `[H, W, L]` as a 0.5 contour in its colour.
+
+    Channel `c` is drawn in `LABEL_COLOURS[c]`; one without voxels both above and below 0.5 in
+    the slice (no edge) is skipped.
+    `kwargs` (`extent`, `origin`, ...) go to `ax.contour`, e.g. to draw in mm.
+    """
     channels = label_slice[..., None] if label_slice.ndim == 2 else label_slice
-    colours = list(OKABE_ITO.values())
     for c in range(channels.shape[-1]):
         if channels[..., c].max() > 0.5 and channels[..., c].min() < 0.5:
-            ax.contour(channels[..., c], levels=[0.5], colors=[colours[c % len(colours)]], linewidths=1.2)
+            ax.contour(channels[..., c], levels=[0.5], colors=[LABEL_COLOURS[c % len(LABEL_COLOURS)]],
+                       linestyles=linestyle, linewidths=linewidth, **kwargs)
+
+
+def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: str = "RdBu_r", title: str = "",
+                  **kwargs):
+    """Show a slice `[H, W]` of a Jacobian determinant map in a diverging colour map centred on 1.
+
+    `determinant`: a slice of `spatial.jacobian_determinant(ddf)[0]` (no unit: a volume ratio).
+    Colours run from `1 - spread` (compression; 0 and below: folding) to `1 + spread`
+    (expansion). `kwargs` (`extent`, ...) go to `ax.imshow`. Returns the image, for a colour bar.
+    """
+    ax = ax or plt.gca()
+    image = ax.imshow(determinant, cmap=cmap, vmin=1 - spread, vmax=1 + spread, **kwargs)
+    ax.set_title(title)
+    return image
 
 
 def overlap_image(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -182,7 +203,7 @@ def show_slice_grid(
             ax.imshow(np.take(volume, index, axis=axis), cmap=cmap, aspect=aspect, origin=origin,
                       vmin=np.min(volume), vmax=np.max(volume))
             if labels is not None and labels[c] is not None:
-                _contours(ax, np.take(labels[c], index, axis=axis))
+                contours(ax, np.take(labels[c], index, axis=axis))
             ax.set_title(f"{titles[c]}, {PLANES[axis]} {index}", fontsize=9)
             ax.axis("off")
     if suptitle:

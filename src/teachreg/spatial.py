@@ -131,6 +131,29 @@ def random_affine(batch_size: int, scale: float, seed: int | None = None, shape:
     return tf.constant(theta, tf.float32)
 
 
+def affine_mm_to_voxels(affine_mm, spacing) -> tf.Tensor:
+    """An affine `[batch, 4, 3]` acting on mm, re-expressed on voxel indices, `[batch, 4, 3]`.
+
+    `spacing`: 3 floats, mm per voxel along D, H and W. With row vectors, voxels -> mm -> the
+    transform -> voxels: `diag(spacing, 1) @ affine_mm @ diag(1 / spacing)`.
+    """
+    spacing = np.asarray(spacing, np.float64)
+    to_mm = np.diag(np.append(spacing, 1.0)).astype(np.float32)  # [x_vox, 1] @ to_mm = [x_mm, 1]
+    to_voxels = np.diag(1.0 / spacing).astype(np.float32)  # x_mm @ to_voxels = x_vox
+    return tf.constant(to_mm) @ _affine(affine_mm) @ tf.constant(to_voxels)
+
+
+def affine_voxels_to_mm(affine_voxels, spacing) -> tf.Tensor:
+    """The inverse of `affine_mm_to_voxels`: an affine `[batch, 4, 3]` on voxels, acting on mm.
+
+    `spacing`: 3 floats, mm per voxel along D, H and W; `diag(1 / spacing, 1) @ affine @ diag(spacing)`.
+    """
+    spacing = np.asarray(spacing, np.float64)
+    to_voxels = np.diag(np.append(1.0 / spacing, 1.0)).astype(np.float32)
+    to_mm = np.diag(spacing).astype(np.float32)
+    return tf.constant(to_voxels) @ _affine(affine_voxels) @ tf.constant(to_mm)
+
+
 def resample(volume, coordinates, interpolation: str = "linear", padding: str = "border") -> tf.Tensor:
     """Sample `volume` at `coordinates` (voxels).
 
