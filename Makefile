@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # Tests and CI read data from the offline mirror beside the repository when there is one.
 export TEACHREG_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: course test bench generalisation clean
+.PHONY: help course test lint bench generalisation clean execute book data lab
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 24
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +24,9 @@ test: $(STAMP)  ## the whole test suite (pytest exit 5, "no tests collected", co
 	@$(PY) -m pytest; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; fi; exit $$code
 
+lint: $(STAMP)  ## ruff: the package, tests, benchmarks and book tools (CI runs it)
+	$(VENV)/bin/ruff check src tests benchmarks book/tools book/_ext
+
 bench: $(STAMP)  ## speed figures as JSON
 	$(PY) benchmarks/bench.py
 
@@ -32,7 +38,6 @@ clean:
 
 # --- the book -----------------------------------------------------------------------------------
 CHAPTERS := $(sort $(wildcard book/ch*.ipynb))
-.PHONY: execute book
 
 execute: $(STAMP)  ## re-execute every chapter in place (fresh kernel each), so the book shows current outputs
 	@for nb in $(CHAPTERS); do \
@@ -42,7 +47,6 @@ execute: $(STAMP)  ## re-execute every chapter in place (fresh kernel each), so 
 	  echo "  $$(( $$(date +%s) - start )) s"; \
 	done
 
-.PHONY: data lab
 
 data: $(STAMP)  ## fetch the datasets the chapters load into the cache, checked by SHA-256 (mirror first when TEACHREG_DATA_MIRROR is set)
 	@names="$$($(PY) book/tools/chapter_data.py)" || exit 1; \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +20,9 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
+sys.path.insert(0, str(BOOK / "tools"))
+from chapter_data import chapter_paths, datasets_used  # noqa: E402  (one source, used by `make data` too)
+
 SANITIZE = BOOK / "nbval_sanitize.cfg"
 # Chapters published in the book; each must exist (the tests name them explicitly).
 CHAPTERS = {
@@ -30,13 +33,6 @@ CHAPTERS = {
     "ch05": BOOK / "ch05_learning.ipynb",
 }
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-_LOAD = re.compile(r"""\bdata\.(?:load|fetch)\(\s*["']([\w.-]+)["']""")
-
-
-def chapter_paths() -> list[Path]:
-    """Every chapter notebook present in book/, sorted."""
-    return sorted(BOOK.glob("ch*.ipynb"))
 
 
 def read(path: Path) -> nbformat.NotebookNode:
@@ -49,14 +45,6 @@ def code_cells(nb) -> list:
 
 def tagged(nb, tag: str) -> list:
     return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
-
-
-def datasets_used(path: Path) -> list[str]:
-    """The datasets a notebook loads with `data.load("name")` or `data.fetch("name")`."""
-    names = []
-    for cell in code_cells(read(path)):
-        names += [n for n in _LOAD.findall(cell.source) if n not in names]
-    return names
 
 
 def missing_data(path: Path) -> str | None:
