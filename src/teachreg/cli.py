@@ -11,6 +11,8 @@ import sys
 
 from teachreg import data
 
+__all__ = ["build_parser", "main"]
+
 
 def _data_list(args: argparse.Namespace) -> int:
     rows = [("dataset", "files", "size", "cached", "licence")]

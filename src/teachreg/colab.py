@@ -17,6 +17,8 @@ import platform
 import sys
 from importlib import metadata
 
+__all__ = ["enable_colab_widgets", "on_colab", "setup", "summary"]
+
 
 def on_colab() -> bool:
     """Whether this runs in a Google Colab kernel."""

@@ -8,6 +8,8 @@ import numpy as np
 
 from teachreg import data, losses, metrics, register, spatial
 
+__all__ = ["main", "run"]
+
 
 def run(seed: int = 0, scale: float = 0.2, loss: str = "ssd") -> dict:
     """Warp the CT by a seeded random affine, register it back, and return the figures."""

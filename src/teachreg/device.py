@@ -7,6 +7,8 @@ import platform
 
 import tensorflow as tf
 
+__all__ = ["description"]
+
 
 def description() -> str:
     """The GPU(s) TensorFlow uses, by name (`"GPU: NAME, ..."`), or the CPU and its core count (`"CPU: MACHINE, N cores"`)."""

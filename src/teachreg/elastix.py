@@ -19,6 +19,8 @@ import tensorflow as tf
 from teachreg import _validate
 from teachreg.register import Result
 
+__all__ = ["INSTALL_HINT", "MAPS", "STORED", "available", "register", "stored_results"]
+
 INSTALL_HINT = 'itk-elastix is not installed: `pip install "teachreg[elastix]"` (or `pip install itk-elastix`).'
 
 

@@ -7,6 +7,8 @@ import os
 import secrets
 from pathlib import Path
 
+__all__ = ["sha256", "write_atomic"]
+
 
 def sha256(path) -> str:
     """The SHA-256 hex digest (64 characters) of the file at `path`, read 1 MiB at a time."""

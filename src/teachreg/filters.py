@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+__all__ = ["box_kernel1d", "gaussian_kernel1d", "separable_filter"]
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> np.ndarray:
     """A normalised 1-D Gaussian of standard deviation `sigma` voxels, `2 * ceil(truncate * sigma) + 1` taps."""

@@ -19,6 +19,29 @@ import tensorflow as tf
 from teachreg import _validate, spatial
 from teachreg.filters import box_kernel1d, gaussian_kernel1d, separable_filter
 
+__all__ = [
+    "CE_EPS",
+    "EPS",
+    "IMAGE_LOSSES",
+    "NCC_EPS",
+    "REGULARISERS",
+    "bending_energy_loss",
+    "cross_entropy_loss",
+    "dice_loss",
+    "gradient_l1_loss",
+    "gradient_l2_loss",
+    "hard_dice",
+    "jaccard",
+    "lncc",
+    "lncc_loss",
+    "mutual_information",
+    "mutual_information_loss",
+    "ncc",
+    "ncc_loss",
+    "soft_dice",
+    "ssd_loss",
+]
+
 EPS = 1e-5
 """Stabiliser of the ratios below (Dice, Jaccard, LNCC denominators, MI histograms)."""
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from teachreg import _validate, spatial
 
+__all__ = ["dice", "displacement_mm", "folding_fraction", "landmark_error", "target_registration_error"]
+
 _DDF_SHAPE = "[D, H, W, 3] or [1, D, H, W, 3]"
 
 

@@ -12,6 +12,8 @@ import tensorflow as tf
 from teachreg import losses, spatial
 from teachreg.network import WINDOW, normalise
 
+__all__ = ["DDF_LOSSES", "LOSS_TERMS", "ddf_loss", "region_weights", "registration_losses"]
+
 LOSS_TERMS = ("image", "label", "ddf", "regulariser")
 """The terms of the training objective, each with its own weight (see `registration_losses`)."""
 

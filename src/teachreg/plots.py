@@ -13,6 +13,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
+__all__ = [
+    "LABEL_COLOURS",
+    "LiveLoss",
+    "OKABE_ITO",
+    "OVERLAP_COLOURS",
+    "PLANES",
+    "contours",
+    "ct_window",
+    "deformed_grid",
+    "overlap_image",
+    "show_jacobian",
+    "show_overlap",
+    "show_slice_grid",
+    "show_slices",
+]
+
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with deuteranopia and protanopia.
 OKABE_ITO = {
     "orange": "#E69F00",

@@ -24,6 +24,8 @@ import tensorflow as tf
 
 from teachreg import _validate, losses, spatial
 
+__all__ = ["Callback", "Result", "affine", "intensity_window", "nonrigid"]
+
 Callback = Callable[[int, int, float], None]
 """Called as `callback(level, step, loss)` after every optimisation step (for live plots)."""
 

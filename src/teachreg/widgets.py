@@ -13,6 +13,8 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from IPython.display import display
 
+__all__ = ["interactive_figure", "on_demand_figure"]
+
 
 def interactive_figure(draw: Callable[..., plt.Figure], controls: dict[str, widgets.ValueWidget]) -> widgets.Box:
     """Display `draw(**values)` and `controls`; redraw whenever a control changes.
