@@ -156,7 +156,9 @@ def network_figures(classical: int) -> dict:
     refined_mean["tre_ratio"] = refined_mean["tre_mm"] / refined_mean["initial_mm"]
     if classical:
         refined_mean["speed_up"] = mean["classical_seconds"] / refined_mean["seconds"]
-    rounded = lambda row: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    def rounded(row):
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
     return {"pairs": [rounded(r) for r in report["pairs"]], "mean": rounded(mean),
             "refined": {"steps": list(REFINE_STEPS), "mean": rounded(refined_mean)}}
 

@@ -19,9 +19,8 @@ import socket
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import notebook_tools
+import pytest
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

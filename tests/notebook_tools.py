@@ -21,7 +21,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 sys.path.insert(0, str(BOOK / "tools"))
-from chapter_data import chapter_paths, datasets_used  # noqa: E402  (one source, used by `make data` too)
+from chapter_data import chapter_paths, datasets_used  # noqa: E402, F401  (one source, also for `make data`)
 
 SANITIZE = BOOK / "nbval_sanitize.cfg"
 # Chapters published in the book; each must exist (the tests name them explicitly).

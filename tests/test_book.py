@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from notebook_tools import BOOK, ROOT, chapter_paths, read
 
 sys.path.insert(0, str(BOOK / "tools"))

@@ -86,12 +86,12 @@ def lncc_reference(f, w, taps):
     values = []
     for b in range(f.shape[0]):
         fb, wb = f[b].astype(np.float64), w[b].astype(np.float64)
-        for i, j, l in np.ndindex(fb.shape):
-            lo = [max(0, c - r) for c in (i, j, l)]
-            hi = [min(n, c + r + 1) for c, n in zip((i, j, l), fb.shape)]
+        for i, j, m in np.ndindex(fb.shape):
+            lo = [max(0, c - r) for c in (i, j, m)]
+            hi = [min(n, c + r + 1) for c, n in zip((i, j, m), fb.shape)]
             window = tuple(slice(a, z) for a, z in zip(lo, hi))
             weights = np.einsum(
-                "a,b,c->abc", *(k[a - c + r : z - c + r] for a, z, c in zip(lo, hi, (i, j, l)))
+                "a,b,c->abc", *(k[a - c + r : z - c + r] for a, z, c in zip(lo, hi, (i, j, m)))
             )
             fw, ww = fb[window], wb[window]
             s1, sf, sw = weights.sum(), np.sum(weights * fw), np.sum(weights * ww)

@@ -24,8 +24,19 @@ import warnings
 import pytest
 import yaml
 from nbval.plugin import get_sanitize_patterns
-
-from notebook_tools import BOOK, CHAPTERS, SANITIZE, non_finite, chapter_paths, code_cells, missing_data, read, run_chapter, stored_results, tagged
+from notebook_tools import (
+    BOOK,
+    CHAPTERS,
+    SANITIZE,
+    chapter_paths,
+    code_cells,
+    missing_data,
+    non_finite,
+    read,
+    run_chapter,
+    stored_results,
+    tagged,
+)
 
 MAX_BYTES = 2 * 2**20  # a chapter notebook, outputs included
 MAX_SECONDS = 180  # a chapter's run with default-sized parameters (2-core CPU)

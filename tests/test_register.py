@@ -92,7 +92,6 @@ def test_nonrigid_recovers_a_known_smooth_deformation(transform):
 def test_label_term_drives_label_overlap_up():
     moving = blobs(seed=5)
     true_ddf = smooth_ddf(moving.shape, 2.0, seed=6)
-    fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
     moving_label = (moving > np.percentile(moving, 90)).astype(np.float32)
     fixed_label = spatial.warp(moving_label[None], true_ddf, interpolation="nearest").numpy()[0]
     flat = np.full_like(moving, 0.5)  # no image information at all: only the labels can drive it

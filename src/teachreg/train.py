@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import numbers
 import os
