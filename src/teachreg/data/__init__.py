@@ -1,5 +1,4 @@
-"""The course's data: a manifest of public files, a verified download cache, loaders, and
-registration pairs on disk (`load_paired`, `write_pair`).
+"""The course's data: a manifest of public files, a verified download cache, and loaders.
 
 >>> from teachreg import data
 >>> vol = data.load("hnct")     # Volume: image [z, y, x] (HU), spacing (mm)
@@ -25,7 +24,7 @@ from .fetch import (
     verify,
 )
 from .loaders import Pair, Volume, load
-from .paired import load_paired, write_pair
+from .lung import LungPair, load_paired
 
 __all__ = [
     "CacheError",
@@ -34,6 +33,7 @@ __all__ = [
     "Dataset",
     "DownloadError",
     "FileEntry",
+    "LungPair",
     "Pair",
     "UnknownDatasetError",
     "Volume",
@@ -48,5 +48,4 @@ __all__ = [
     "manifest_markdown",
     "remove_leftovers",
     "verify",
-    "write_pair",
 ]
