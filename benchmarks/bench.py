@@ -125,32 +125,28 @@ def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
     return out
 
 
-REFINE_STEPS = (50, 30, 0)
-"""Chapter 5's "old and new together": steps per level of the classical optimiser from the network's DDF."""
-
-
 def network_figures(classical: int) -> dict:
     """The pretrained lung CT network on every test pair, and `classical` pairs also by `register.nonrigid`
-    with `presets.LUNG_CLASSICAL`, as in chapter 5; "refined": the network's DDF refined by `REFINE_STEPS`
-    of that optimiser on every pair, as chapter 5's default (seconds include the network's pass)."""
-    from teachreg import evaluate, network, presets, register, train
-    from teachreg.data import lung
+    with `presets.LUNG_CLASSICAL`, as in chapter 5; "refined": the network's DDF refined by
+    `presets.LUNG_REFINE_STEPS` of that optimiser on every pair, as chapter 5's default (seconds include
+    the network's pass)."""
+    from teachreg import data, evaluate, lung, network, presets, register
 
     lung.build(splits=("test",), progress=False)
-    pairs = train.read_pairs(split="test")
+    pairs = data.load_paired(split="test")
     model = network.load_pretrained("lung_ct")
     report = evaluate.evaluate(model, pairs, classical=classical)
     mean = report["mean"]
     if classical:
         mean["speed_up"] = mean["classical_seconds"] / mean["seconds"]
         mean["dice_minus_classical"] = mean["dice_after"] - mean["classical_dice_after"]
-    short = {**presets.LUNG_CLASSICAL, "steps": REFINE_STEPS}
-    register.nonrigid(pairs[0]["moving"], pairs[0]["fixed"], **{**short, "steps": 1})  # compiles the steps
+    short = {**presets.LUNG_CLASSICAL, "steps": presets.LUNG_REFINE_STEPS}
+    register.nonrigid(pairs[0].moving.image, pairs[0].fixed.image, **{**short, "steps": 1})  # compiles the steps
     refined = []
     for pair, row in zip(pairs, report["pairs"]):
-        initial = register.Result(ddf=tf.constant(model.predict_ddf(pair["moving"], pair["fixed"])))
-        result = register.nonrigid(pair["moving"], pair["fixed"], initial=initial, **short)
-        refined.append({**evaluate.accuracy(result.ddf.numpy(), pair, pair["spacing"]),
+        initial = register.Result(ddf=tf.constant(model.predict_ddf(pair.moving.image, pair.fixed.image)))
+        result = register.nonrigid(pair.moving.image, pair.fixed.image, initial=initial, **short)
+        refined.append({**evaluate.accuracy(result.ddf.numpy(), pair),
                         "seconds": row["seconds"] + result.seconds})
     refined_mean = {key: float(np.mean([r[key] for r in refined])) for key in refined[0]}
     refined_mean["tre_ratio"] = refined_mean["tre_mm"] / refined_mean["initial_mm"]
@@ -160,7 +156,7 @@ def network_figures(classical: int) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
     return {"pairs": [rounded(r) for r in report["pairs"]], "mean": rounded(mean),
-            "refined": {"steps": list(REFINE_STEPS), "mean": rounded(refined_mean)}}
+            "refined": {"steps": list(presets.LUNG_REFINE_STEPS), "mean": rounded(refined_mean)}}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Which is new to the lung network on a test pair, the patient or the breathing motion?
 
-`teachreg.data.lung` splits by both: a test pair has a CT and a motion that training never saw.
+`teachreg.lung` splits by both: a test pair has a CT and a motion that training never saw.
 This crosses them. Every CT of either split (4 train, 2 test) is paired with every motion that
 starts at its breathing state (15 train and 3 test patients' motions), built as `lung.build`
 builds pairs but with the grid centred (no random shift), and the pretrained network predicts
@@ -17,8 +17,8 @@ import json
 
 import numpy as np
 
-from teachreg import evaluate, network
-from teachreg.data import load, lung
+from teachreg import evaluate, lung, network
+from teachreg.data import load
 
 
 def motions() -> list[tuple[str, str, lung.Motion]]:
@@ -41,14 +41,9 @@ def crossed(model) -> list[dict]:
         for motion_split, patient, motion in all_motions:
             if motion.source != state:
                 continue
-            arrays, _ = lung.make_pair(source, motion, f"{ct}/{motion.name}")
-            pair = {"moving": arrays["moving_images"].astype(np.float32),
-                    "fixed": arrays["fixed_images"].astype(np.float32),
-                    "moving_label": arrays["moving_labels"],
-                    "fixed_label": arrays["fixed_labels"],
-                    "ddf": arrays["ddfs"]}
-            ddf = model.predict_ddf(pair["moving"], pair["fixed"])
-            row = evaluate.accuracy(ddf, pair, lung.SPACING)
+            pair, _ = lung.make_pair(source, motion, f"{ct}/{motion.name}")
+            ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
+            row = evaluate.accuracy(ddf, pair)
             row.update(ct=ct, ct_split=ct_split, motion=motion.name,
                        patient=patient, motion_split=motion_split)
             rows.append(row)

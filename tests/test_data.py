@@ -421,7 +421,7 @@ def test_dicom_folder_with_two_series_is_refused(tmp_path):
     })
     with pytest.warns(UserWarning, match="README.txt"):
         with pytest.raises(data.DataError) as err:
-            loaders_mod._dicom_zyx(paths)
+            loaders_mod.read_dicom_series(paths)
     message = str(err.value)
     for needed in (str(tmp_path / "ct"), "2 DICOM series", "1.2.3.1", "CHEST 3mm", "3 slices",
                    "1.2.3.2", "CHEST 1.5mm", "4 slices", "a folder of its own"):
@@ -432,7 +432,7 @@ def test_dicom_folder_with_two_series_is_refused(tmp_path):
 def test_dicom_folder_skips_files_that_are_not_dicom(tmp_path):
     paths = dicom_folder(tmp_path / "ct", {"1.2.3.1": ("CHEST 3mm", [6.0, 0.0, 3.0])})
     with pytest.warns(UserWarning, match=r"ct: skipped 1 file\(s\) .*: README\.txt$"):
-        image, spacing = loaders_mod._dicom_zyx(paths)
+        image, spacing = loaders_mod.read_dicom_series(paths)
     assert image.shape == (3, 4, 4) and spacing == pytest.approx((3.0, 0.5, 0.5))
     assert image[:, 0, 0].tolist() == [1000 - 1024, 1003 - 1024, 1006 - 1024]  # sorted by z
 

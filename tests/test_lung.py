@@ -1,5 +1,6 @@
-"""Tests of teachreg.data.lung: a tiny build (one CT, one motion, a coarse grid), its ground truth,
-determinism and cache, the split, bad inputs, and reading DeepReg's paired layout.
+"""Tests of teachreg.lung: a tiny build (one CT, one motion, a coarse grid), its ground truth,
+determinism and cache, the split, bad inputs, and writing and reading DeepReg's paired layout
+(teachreg.data.paired).
 
 Real data come from the mirror at ../shared/data (relative to the repository root); without it the
 tests that need data are skipped.
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from teachreg import cli, data, metrics, spatial
-from teachreg.data import lung
+from teachreg import cli, data, lung, metrics, spatial
+from teachreg.data import paired
+from teachreg.data.loaders import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "data"
@@ -55,7 +57,7 @@ def tiny(tmp_path_factory, inputs):
 
 @pytest.mark.parametrize("state", ["inspiration", "expiration"])
 def test_ground_truth_maps_moving_onto_fixed(tiny, state):
-    (pair,) = lung.load_paired(tiny[state], "test")
+    (pair,) = data.load_paired(tiny[state], "test")
     moving, fixed, ddf = pair.moving, pair.fixed, pair.ddf
     assert moving.image.shape == fixed.image.shape == (52, 50, 48) and ddf.shape == (52, 50, 48, 3)
     assert moving.spacing == fixed.spacing == (7.0, 5.0, 7.0)
@@ -139,6 +141,21 @@ def test_bad_inputs_name_the_case():
                        grid=(10, 10, 10), spacing=(2, 2, 2))
 
 
+def test_a_made_pair_is_the_pair_read_back_once_written(tmp_path):
+    source = _phantom()
+    made, _ = lung.make_pair(source, _motion(np.zeros((30, 30, 30, 3), np.float32), source), "test/case_001",
+                             grid=(30, 30, 30), spacing=(2, 2, 2))
+    data.write_pair(made, tmp_path / "test", "case_001")
+    (read,) = data.load_paired(tmp_path, "test")
+    assert read.name == "case_001" and made.name == "test/case_001"
+    for got, want in ((read.moving, made.moving), (read.fixed, made.fixed)):
+        assert got.spacing == want.spacing == (2.0, 2.0, 2.0) and got.label_names == want.label_names
+        assert got.image.dtype == want.image.dtype == np.float32 and got.labels.shape == (30, 30, 30, 1)
+        np.testing.assert_array_equal(got.image, want.image)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(read.ddf, made.ddf)
+
+
 def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
     """DeepReg's paired_ct_lung download: masks as they are, images rescaled and saved without an affine."""
     _, masks = inputs
@@ -149,12 +166,12 @@ def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
         nib.save(stored, tmp_path / "test" / f"{role}_labels" / "case_012.nii.gz")
         image = np.asarray(stored.dataobj, np.float32) * 255.0
         nib.save(nib.Nifti1Image(image, affine=None), tmp_path / "test" / f"{role}_images" / "case_012.nii.gz")
-    (pair,) = lung.load_paired(tmp_path, "test")
+    (pair,) = data.load_paired(tmp_path, "test")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
         mp.setenv("TEACHREG_DATA_DIR", str(Path(masks[0]).parents[3]))
         expected = data.load("lung_masks", case=12, split="test")
-    assert pair.case == "case_012" and pair.ddf is None
+    assert pair.name == "case_012" and pair.ddf is None
     for got, want in ((pair.moving, expected.moving), (pair.fixed, expected.fixed)):
         assert got.spacing == want.spacing == (1.75, 1.25, 1.75)
         np.testing.assert_array_equal(got.labels, want.labels)
@@ -163,7 +180,7 @@ def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
 
 def test_missing_pairs_say_how_to_build(tmp_path):
     with pytest.raises(data.DataError, match="build-lung"):
-        lung.load_paired(tmp_path, "test")
+        data.load_paired(tmp_path, "test")
 
 
 # --- reliability ---
@@ -175,7 +192,7 @@ def _cli_build(out: Path, ct, masks, *extra: str) -> int:
 
 
 def _files(folder: Path) -> dict:
-    """The bytes of every file under ``folder``, keyed by relative path."""
+    """The bytes of every file under `folder`, keyed by relative path."""
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
@@ -191,12 +208,12 @@ def test_refuses_to_replace_a_split_folder_it_did_not_make(tmp_path, inputs, cap
 
 @pytest.fixture
 def small_dataset(monkeypatch, inputs):
-    """``build``'s own dataset made small: CIP ct-64 (lungs segmented) with Learn2Reg case 12's motion,
+    """`build`'s own dataset made small: CIP ct-64 (lungs segmented) with Learn2Reg case 12's motion,
     in each split."""
     ct, masks = inputs
     monkeypatch.setenv("TEACHREG_DATA_MIRROR", str(MIRROR))
     monkeypatch.setenv("TEACHREG_DATA_DIR", str(Path(masks[0]).parents[3]))
-    monkeypatch.setattr(lung, "CTS", tuple((f"ct64_{split}", lambda: lung._read_user_volume(Path(ct)), "inspiration",
+    monkeypatch.setattr(lung, "CTS", tuple((f"ct64_{split}", lambda: read_volume(Path(ct)), "inspiration",
                                             split) for split in ("train", "test")))
     monkeypatch.setattr(lung, "MOTIONS", {split: (("test", 12),) for split in ("train", "test")})
 
@@ -233,7 +250,7 @@ def test_refuses_a_ct_without_plausible_lungs(tmp_path, inputs, capsys):
         mp.setenv("TEACHREG_DATA_DIR", str(Path(inputs[1][0]).parents[3]))
         head = data.load("hnct")
     path = tmp_path / "head_and_neck.nii.gz"
-    lung._write_nifti(path, head.image.astype(np.int16), head.spacing)
+    paired._write_nifti(path, head.image.astype(np.int16), head.spacing)
     assert _cli_build(tmp_path / "out", path, inputs[1]) == 1
     error = capsys.readouterr().err
     assert f"{path}: no plausible lungs" in error and "0.9" in error and "chest CT" in error
@@ -255,10 +272,10 @@ def test_the_builders_chest_cts_have_plausible_lungs(inputs, name):
 def test_non_finite_inputs_are_refused(tmp_path, inputs, capsys, which):
     ct, masks = Path(inputs[0]), [Path(m) for m in inputs[1]]
     if which == "ct":
-        volume = lung._read_user_volume(ct)
+        volume = read_volume(ct)
         volume.image[40, 30, 30] = np.nan
         bad = ct = tmp_path / "ct_with_nan.nii.gz"
-        lung._write_nifti(bad, volume.image, volume.spacing)
+        paired._write_nifti(bad, volume.image, volume.spacing)
     else:
         stored = nib.load(masks[0])
         array = np.asarray(stored.dataobj, np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,20 +14,20 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from teachreg import cli, evaluate, network, objective, presets, spatial, train
+from teachreg import cli, data, evaluate, network, objective, presets, spatial, train
 
 SHAPE = (12, 8, 10)  # (z, y, x), deliberately not a multiple of 8
 SMALL = {"channels": [4, 8]}
 
 
 def _write(path: Path, array: np.ndarray, spacing=(3.5, 2.5, 3.5)) -> None:
-    """Write a (z, y, x, ...) array as NIfTI stored (x, y, z, ...), as `teachreg.data.lung` does (DDF components kept)."""
+    """Write a (z, y, x, ...) array as NIfTI stored (x, y, z, ...), as `data.write_pair` does (DDF components kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = np.swapaxes(array, 0, 2)
     nib.save(nib.Nifti1Image(np.ascontiguousarray(stored), np.diag([*spacing[::-1], 1.0])), str(path))
 
 
-def _pair(seed: int, shape=SHAPE) -> dict:
+def _pair(seed: int, shape=SHAPE) -> data.Pair:
     """A synthetic CT-like pair: a dark ellipsoid (lung) in soft tissue, moved by a smooth DDF along z."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
@@ -39,23 +40,26 @@ def _pair(seed: int, shape=SHAPE) -> dict:
     ddf[..., 2] = 0.5 * np.cos(np.pi * y / shape[1])
     fixed = spatial.warp(moving[None], ddf[None]).numpy()[0]
     fixed_label = spatial.warp(label[None], ddf[None], interpolation="nearest").numpy()[0]
-    return {"name": f"case_{seed:03d}", "moving": moving, "fixed": fixed, "moving_label": label,
-            "fixed_label": fixed_label, "ddf": ddf, "spacing": (3.5, 2.5, 3.5)}
+    name = f"case_{seed:03d}"
+    volumes = [data.Volume(image, (3.5, 2.5, 3.5), mask.astype(np.uint8)[..., None], ("lung",), f"{name}/{role}")
+               for image, mask, role in ((moving, label, "moving"), (fixed, fixed_label, "fixed"))]
+    return data.Pair(*volumes, ddf=ddf, name=name)
 
 
-def _write_dataset(root: Path, count: int = 2, split: str = "train") -> list[dict]:
+def _write_dataset(root: Path, count: int = 2, split: str = "train") -> list[data.Pair]:
     pairs = [_pair(i) for i in range(count)]
     for pair in pairs:
-        name = pair["name"] + ".nii.gz"
-        for key, folder in (("moving", "moving_images"), ("fixed", "fixed_images"), ("ddf", "ddfs"),
-                            ("moving_label", "moving_labels"), ("fixed_label", "fixed_labels")):
-            array = pair[key].astype(np.uint8) if "label" in key else pair[key]
+        name = pair.name + ".nii.gz"
+        for array, folder in ((pair.moving.image, "moving_images"), (pair.fixed.image, "fixed_images"),
+                              (pair.ddf, "ddfs"), (pair.moving.labels[..., 0], "moving_labels"),
+                              (pair.fixed.labels[..., 0], "fixed_labels")):
             _write(root / split / folder / name, array)
     return pairs
 
 
-def _batch(pair: dict) -> dict:
-    return {k: tf.constant(pair[k][None]) for k in ("moving", "fixed", "moving_label", "fixed_label", "ddf")}
+def _batch(pair: data.Pair) -> dict:
+    arrays = train._arrays(pair, ("moving", "fixed", "moving_label", "fixed_label", "ddf"))
+    return {k: tf.constant(np.asarray(a, np.float32)[None]) for k, a in arrays.items()}
 
 
 def test_output_shapes_and_padding():
@@ -71,9 +75,9 @@ def test_output_shapes_and_padding():
 def test_untrained_network_predicts_the_identity():
     model = network.RegistrationNetwork(**SMALL)
     pair = _pair(0)
-    ddf = model.predict_ddf(pair["moving"], pair["fixed"])
+    ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
     assert np.array_equal(ddf, np.zeros_like(ddf))
-    np.testing.assert_allclose(spatial.warp(pair["moving"][None], ddf).numpy()[0], pair["moving"], atol=1e-4)
+    np.testing.assert_allclose(spatial.warp(pair.moving.image[None], ddf).numpy()[0], pair.moving.image, atol=1e-4)
 
 
 def test_upsample2_is_trilinear_with_half_pixel_centres():
@@ -118,11 +122,11 @@ def test_saved_and_reloaded_model_predicts_the_same_ddf(tmp_path):
     for weight in model.weights:
         weight.assign(rng.normal(0, 0.05, weight.shape).astype(np.float32))
     pair = _pair(2)
-    ddf = model.predict_ddf(pair["moving"], pair["fixed"])
+    ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
     assert np.abs(ddf).max() > 0
     info = network.save(model, tmp_path / "model", note="test")
     again = network.load(info)
-    np.testing.assert_array_equal(again.predict_ddf(pair["moving"], pair["fixed"]), ddf)
+    np.testing.assert_array_equal(again.predict_ddf(pair.moving.image, pair.fixed.image), ddf)
     assert again.info["note"] == "test" and again.channels == model.channels
 
 
@@ -160,29 +164,32 @@ def test_shipped_lung_ct_model_records_the_configs_in_the_repository():
         assert len(record["history"]) == expected["epochs"]
 
 
-def test_read_pairs_gives_zyx_arrays_and_components(tmp_path):
-    pairs = _write_dataset(tmp_path, count=1)
-    read = train.read_pairs(tmp_path, "train")[0]
-    for key in ("moving", "fixed", "moving_label", "fixed_label", "ddf"):
-        np.testing.assert_allclose(read[key], pairs[0][key], atol=1e-5)
-    assert read["spacing"] == (3.5, 2.5, 3.5) and read["name"] == "case_000"
+def test_load_paired_gives_zyx_arrays_and_components(tmp_path):
+    (written,) = _write_dataset(tmp_path, count=1)
+    (read,) = data.load_paired(tmp_path, "train")
+    for role in ("moving", "fixed"):
+        got, want = getattr(read, role), getattr(written, role)
+        np.testing.assert_allclose(got.image, want.image, atol=1e-5)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        assert got.spacing == (3.5, 2.5, 3.5)
+    np.testing.assert_allclose(read.ddf, written.ddf, atol=1e-5)
+    assert read.name == "case_000"
 
 
 def test_augmentation_keeps_the_pair_and_its_ddf_consistent():
     pair = _pair(3, shape=(24, 20, 20))
-    # Smooth images, so that interpolation differences stay small.
-    for key in ("moving", "fixed"):
-        pair[key] = spatial.smooth(pair[key][None], 1.5).numpy()[0]
-    pair["fixed"] = spatial.warp(pair["moving"][None], pair["ddf"][None]).numpy()[0]
-    affines = spatial.random_affine(2, 0.15, seed=0, shape=pair["fixed"].shape)
-    sample = {k: tf.constant(pair[k]) for k in ("moving", "fixed", "ddf")}
+    # A smooth image, so that interpolation differences stay small.
+    moving = spatial.smooth(pair.moving.image[None], 1.5).numpy()[0]
+    fixed = spatial.warp(moving[None], pair.ddf[None]).numpy()[0]
+    affines = spatial.random_affine(2, 0.15, seed=0, shape=fixed.shape)
+    sample = {"moving": tf.constant(moving), "fixed": tf.constant(fixed), "ddf": tf.constant(pair.ddf)}
     out = train.augment(sample, affines[0], affines[1])
     rewarped = spatial.warp(out["moving"][None], out["ddf"][None])[0]
     inner = (slice(3, -3),) * 3  # away from the borders, where edge padding differs
     error = tf.abs(rewarped - out["fixed"]).numpy()[inner].mean()
     unregistered = tf.abs(out["moving"] - out["fixed"]).numpy()[inner].mean()
     assert error < 0.1 * unregistered
-    assert not np.allclose(out["ddf"], pair["ddf"], atol=0.5)  # the affines did change the DDF
+    assert not np.allclose(out["ddf"], pair.ddf, atol=0.5)  # the affines did change the DDF
 
 
 def test_field_of_view_cut_blanks_a_slab_of_the_lungs_in_images_and_labels():
@@ -191,7 +198,7 @@ def test_field_of_view_cut_blanks_a_slab_of_the_lungs_in_images_and_labels():
     batches = list(train.make_dataset(pairs, keys, 1, epoch=0, seed=0, scale=0.0, fov_cut=1.0))
     order = np.random.default_rng([0, 0]).permutation(len(pairs))
     for batch, i in zip(batches, order):
-        rows = np.flatnonzero(pairs[i]["fixed_label"].any(axis=(1, 2)))
+        rows = np.flatnonzero(pairs[i].fixed.labels.any(axis=(1, 2, 3)))
         kept = np.flatnonzero((batch["fixed"][0].numpy() != network.WINDOW[0]).any(axis=(1, 2)))
         assert kept.size and np.all(np.diff(kept) == 1)  # one slab
         assert rows[0] <= kept[0] and kept[-1] <= rows[-1]  # inside the lungs' extent
@@ -200,10 +207,10 @@ def test_field_of_view_cut_blanks_a_slab_of_the_lungs_in_images_and_labels():
         outside[kept[0] : kept[-1] + 1] = False
         for key in ("moving", "fixed"):
             np.testing.assert_array_equal(batch[key][0].numpy()[outside], network.WINDOW[0])
-            np.testing.assert_array_equal(batch[key][0].numpy()[~outside], pairs[i][key][~outside])
+            np.testing.assert_array_equal(batch[key][0].numpy()[~outside], getattr(pairs[i], key).image[~outside])
         for key in ("moving_label", "fixed_label"):
             assert not batch[key][0].numpy()[outside].any()
-        np.testing.assert_array_equal(batch["ddf"][0].numpy(), pairs[i]["ddf"])  # the truth is kept
+        np.testing.assert_array_equal(batch["ddf"][0].numpy(), pairs[i].ddf)  # the truth is kept
 
 
 def test_intensity_augmentation_is_one_linear_change_per_pair():
@@ -288,7 +295,7 @@ def test_evaluate_reports_accuracy_and_speed():
 
 def test_evaluate_without_a_true_ddf_reports_dice_and_folding_only():
     model = network.RegistrationNetwork(**SMALL)
-    pairs = [{k: v for k, v in _pair(i).items() if k != "ddf"} for i in (6, 7)]
+    pairs = [dataclasses.replace(_pair(i), ddf=None) for i in (6, 7)]
     mean = evaluate.evaluate(model, pairs)["mean"]
     assert "tre_mm" not in mean and "tre_ratio" not in mean
     assert mean["dice_after"] == pytest.approx(mean["dice_before"]) and mean["folding"] == 0.0
@@ -368,7 +375,7 @@ def test_config_and_history_are_replaced_atomically(tmp_path, monkeypatch):
 
 def test_training_refuses_pairs_with_non_finite_values(tmp_path, capsys):
     pairs = [_pair(0), _pair(1)]
-    pairs[1]["moving"][2, 3, 4] = np.nan
+    pairs[1].moving.image[2, 3, 4] = np.nan
     with pytest.raises(ValueError, match=r"pair 'case_001'.*'moving'.*1 non-finite"):
         train.train({"model": SMALL}, output=tmp_path / "given", progress=False, pairs=pairs)
     _write_dataset(tmp_path / "data", count=2)

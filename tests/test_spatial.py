@@ -187,6 +187,33 @@ def test_compose_matches_sequential_warps():
     np.testing.assert_allclose(composed[interior], sequential[interior], atol=0.02)
 
 
+def test_invert_ddf_of_a_smooth_field_composes_to_zero():
+    grid = spatial.reference_grid((24, 20, 22)).numpy()
+    phase = 2 * np.pi * grid / 32
+    ddf = 2.0 * np.stack([np.sin(phase[..., 1]), np.cos(phase[..., 2]), np.sin(phase[..., 0])], -1)  # 2 voxels
+    inverse, residual = spatial.invert_ddf(ddf[None].astype(np.float32), tolerance=0.01)
+    roundtrip = spatial.compose_ddf(ddf[None].astype(np.float32), inverse).numpy()
+    assert residual == pytest.approx(np.abs(roundtrip).max()) and residual < 0.01
+    assert np.abs(inverse.numpy() + ddf).max() > 0.1  # not simply the negated field
+
+
+def test_invert_ddf_of_an_affine_is_the_inverse_affine():
+    shape = (20, 24, 22)
+    affine = spatial.affine_from_parameters(rotations=(0.0, 5.0, 0.0), scales=(1.05, 0.97, 1.0),
+                                            translations=(0.5, -0.3, 0.2), center=(9.5, 11.5, 10.5))
+    inverse, _ = spatial.invert_ddf(spatial.affine_to_ddf(affine, shape))
+    expected = spatial.affine_to_ddf(spatial.invert_affine(affine), shape).numpy()
+    interior = (0, slice(3, -3), slice(3, -3), slice(3, -3))  # where both maps stay inside the volume
+    np.testing.assert_allclose(inverse.numpy()[interior], expected[interior], atol=1e-3)
+
+
+def test_invert_ddf_refuses_a_folding_field():
+    ddf = np.zeros((1, 12, 12, 12, 3), np.float32)
+    ddf[0, :, :, :, 0] = -3.0 * np.arange(12)[:, None, None]  # reverses the z axis: no inverse
+    with pytest.raises(ValueError, match="could not invert the DDF"):
+        spatial.invert_ddf(ddf)
+
+
 def test_resize_ddf_keeps_physical_displacement():
     # an affine DDF resampled to a finer grid is the same affine expressed in finer voxels
     affine = spatial.affine_from_parameters(rotations=(0.0, 10.0, 0.0), center=(4.0, 4.0, 4.0))

@@ -1,7 +1,7 @@
-"""The ``teachreg`` command line: ``teachreg data list|fetch|verify|page|build-lung`` and ``teachreg train``.
+"""The `teachreg` command line: `teachreg data list|fetch|verify|page|build-lung` and `teachreg train`.
 
-Each command group adds its subcommands in its own ``_add_*`` function; a subcommand sets
-``func`` (called with the parsed arguments, returns the exit status).
+Each command group adds its subcommands in its own `_add_*` function; a subcommand sets
+`func` (called with the parsed arguments, returns the exit status).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from teachreg import data
+from teachreg import data, presets
 
 __all__ = ["build_parser", "main"]
 
@@ -61,7 +61,7 @@ def _data_page(args: argparse.Namespace) -> int:
 
 
 def _add_data(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """``teachreg data ...``; returns the group's subcommands, so that others can join them."""
+    """`teachreg data ...`; returns the group's subcommands, so that others can join them."""
     group = commands.add_parser("data", help="list, download, check and build the course's datasets")
     sub = group.add_subparsers(dest="data_command", required=True)
     sub.add_parser("list", help="datasets, sizes, licences, whether cached").set_defaults(
@@ -114,7 +114,7 @@ def _data_build_lung(args: argparse.Namespace) -> int:
               "own CT, or neither for the course's dataset", file=sys.stderr)
         return 2  # a usage error, as argparse's
 
-    from teachreg.data import lung  # TensorFlow loads only for this command
+    from teachreg import lung  # TensorFlow loads only for this command
 
     try:
         root = lung.build(out=args.out, splits=args.splits, grid=args.grid, spacing=args.spacing,
@@ -130,15 +130,15 @@ def _data_build_lung(args: argparse.Namespace) -> int:
 
 
 def _add_build_lung(data_commands: argparse._SubParsersAction) -> None:
-    """``teachreg data build-lung``, one of the ``data`` group's subcommands."""
+    """`teachreg data build-lung`, one of the `data` group's subcommands."""
     parser = data_commands.add_parser(
         "build-lung", help="build the paired lung CT dataset (real CTs, real breathing motion, true DDFs)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: lung_ct in the data cache)")
     parser.add_argument("--splits", nargs="+", choices=("train", "test"), default=["train", "test"])
-    parser.add_argument("--grid", nargs=3, type=int, default=[104, 96, 96], metavar=("D", "H", "W"),
+    parser.add_argument("--grid", nargs=3, type=int, default=list(presets.LUNG_GRID), metavar=("D", "H", "W"),
                         help="voxels along z, y, x (default: half the Learn2Reg grid)")
-    parser.add_argument("--spacing", nargs=3, type=float, default=[3.5, 2.5, 3.5], metavar=("Z", "Y", "X"),
-                        help="voxel size in mm")
+    parser.add_argument("--spacing", nargs=3, type=float, default=list(presets.LUNG_SPACING),
+                        metavar=("Z", "Y", "X"), help="voxel size in mm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid shifts")
     parser.add_argument("--ct", metavar="PATH",
                         help="with --masks: your own chest CT, a NIfTI or NRRD file, or a DICOM folder")

@@ -1,8 +1,8 @@
 """Accuracy and speed of a registration network, beside the classical optimiser of `teachreg.register`.
 
-Pairs are dicts of NumPy arrays: "moving", "fixed" `[D, H, W]` (HU), "moving_label", "fixed_label"
-`[D, H, W]` (binary masks), optionally "ddf" `[D, H, W, 3]` (the ground truth in voxels on the
-fixed grid, pulling), "name" and "spacing" (mm per voxel along D, H, W).
+Pairs are `teachreg.data.Pair`s: moving and fixed Volumes (images `[D, H, W]` in HU, the lungs as
+their first label, spacing in mm per voxel along D, H, W from the fixed one), optionally the true
+`ddf` `[D, H, W, 3]` (voxels on the fixed grid, pulling), and a name.
 """
 
 from __future__ import annotations
@@ -12,36 +12,34 @@ import time
 import numpy as np
 
 from teachreg import metrics, presets, register, spatial
+from teachreg.data import Pair
 from teachreg.network import RegistrationNetwork
 
 
-def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0,
+def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
              classical_options=presets.LUNG_CLASSICAL) -> dict:
     """Accuracy and speed of `model` on `pairs`; a dict of per-pair figures and their means.
 
-    pairs: dicts with "moving", "fixed" `[D, H, W]` (HU), "moving_label", "fixed_label" `[D, H, W]`
-    (binary masks), optionally "ddf" `[D, H, W, 3]` (ground truth, voxels; real pairs have none),
-    "name" and "spacing" (mm per voxel along D, H, W; or give `spacing`). Per pair, the figures of
-    `accuracy` and `seconds`, the wall time of `predict_ddf` for the pair (after one warm-up call).
-    The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
+    pairs: Pairs with labels (the true `ddf` is optional: real pairs have none). Per pair, its
+    name (or its index), the figures of `accuracy` and `seconds`, the wall time of `predict_ddf`
+    for the pair (after one warm-up call). The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
     With `classical` > 0, the first `classical` pairs are also registered by `register.nonrigid`
     (`classical_options`, by default `presets.LUNG_CLASSICAL`; images only, no labels): keys
     `classical_*`; `classical_seconds` is timed after a warm-up run that compiles the optimiser's
     steps, as `seconds` is after the network's first call.
     """
     rows = []
-    model.predict_ddf(pairs[0]["moving"], pairs[0]["fixed"])  # warm-up: trace the function once
+    model.predict_ddf(pairs[0].moving.image, pairs[0].fixed.image)  # warm-up: trace the function once
     if classical > 0:  # one step per level compiles every level (see register.nonrigid)
-        register.nonrigid(pairs[0]["moving"], pairs[0]["fixed"], **{**classical_options, "steps": 1})
+        register.nonrigid(pairs[0].moving.image, pairs[0].fixed.image, **{**classical_options, "steps": 1})
     for i, pair in enumerate(pairs):
-        step = spacing if spacing is not None else pair["spacing"]
         start = time.perf_counter()
-        ddf = model.predict_ddf(pair["moving"], pair["fixed"])
-        row = {"name": pair.get("name", str(i)), "seconds": time.perf_counter() - start}
-        row.update(accuracy(ddf, pair, step))
+        ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
+        row = {"name": pair.name or str(i), "seconds": time.perf_counter() - start}
+        row.update(accuracy(ddf, pair))
         if i < classical:
-            result = register.nonrigid(pair["moving"], pair["fixed"], **classical_options)
-            row.update({f"classical_{k}": v for k, v in accuracy(result.ddf.numpy(), pair, step).items()})
+            result = register.nonrigid(pair.moving.image, pair.fixed.image, **classical_options)
+            row.update({f"classical_{k}": v for k, v in accuracy(result.ddf.numpy(), pair).items()})
             row["classical_seconds"] = result.seconds
         rows.append(row)
     keys = [k for k in rows[0] if k != "name"]
@@ -51,11 +49,11 @@ def evaluate(model: RegistrationNetwork, pairs, spacing=None, classical: int = 0
     return {"pairs": rows, "mean": mean}
 
 
-def accuracy(ddf, pair: dict, spacing) -> dict:
-    """Dice before and after, folding and, where `pair` has a true "ddf", the TRE of one predicted DDF.
+def accuracy(ddf, pair: Pair) -> dict:
+    """Dice before and after, folding and, where `pair` has a true `ddf`, the TRE of one predicted DDF.
 
-    ddf: `[D, H, W, 3]` or `[1, D, H, W, 3]` (voxels); pair: "moving_label", "fixed_label"
-    `[D, H, W]` (binary masks), optionally "ddf" `[D, H, W, 3]`; spacing: mm per voxel along D, H, W.
+    ddf: `[D, H, W, 3]` or `[1, D, H, W, 3]` (voxels); pair: its volumes' first labels are the
+    masks (binary `[D, H, W]`), the fixed volume's spacing gives mm per voxel along D, H, W.
     - `dice_before` / `dice_after`: Dice of the fixed mask with the moving mask unwarped / warped
       (trilinear, thresholded at 0.5);
     - `folding`: fraction of voxels where the Jacobian determinant of the map is <= 0;
@@ -64,14 +62,14 @@ def accuracy(ddf, pair: dict, spacing) -> dict:
     """
     ddf = np.asarray(ddf, np.float32)
     ddf = ddf.reshape(ddf.shape[-4:])
-    spacing = np.asarray(spacing, np.float64)
-    mask = np.asarray(pair["fixed_label"]) > 0.5
-    moving_mask = np.asarray(pair["moving_label"]) > 0.5
+    spacing = np.asarray(pair.fixed.spacing, np.float64)
+    mask = pair.fixed.labels[..., 0] > 0.5
+    moving_mask = pair.moving.labels[..., 0] > 0.5
     warped = spatial.warp(moving_mask[None].astype(np.float32), ddf[None], padding="zeros").numpy()[0] >= 0.5
     row = {"dice_before": metrics.dice(moving_mask, mask), "dice_after": metrics.dice(warped, mask),
            "folding": metrics.folding_fraction(ddf)}
-    if pair.get("ddf") is not None:
-        truth = np.asarray(pair["ddf"], np.float32)
+    if pair.ddf is not None:
+        truth = np.asarray(pair.ddf, np.float32)
         zero = np.zeros_like(truth)
         row.update({
             "initial_mm": metrics.target_registration_error(zero, truth, spacing, mask=mask),

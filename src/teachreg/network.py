@@ -213,7 +213,7 @@ def load(path) -> RegistrationNetwork:
 def load_pretrained(name: str = "lung_ct") -> RegistrationNetwork:
     """A pretrained `RegistrationNetwork` shipped with teachreg, its weights' SHA-256 checked.
 
-    "lung_ct": trained on the train pairs of the lung CT dataset (`teachreg.data.lung`), CT in HU
+    "lung_ct": trained on the train pairs of the lung CT dataset (`teachreg.lung`), CT in HU
     on 104x96x96 grids of (3.5, 2.5, 3.5) mm, in two stages: `teachreg train
     configs/lung_ct_stage1.yaml`, then `teachreg train configs/lung_ct.yaml`, which fine-tunes it.
     `model.info` holds the training config, command, device, time, per-epoch history and the

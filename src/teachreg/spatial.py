@@ -208,6 +208,32 @@ def compose_ddf(first, second) -> tf.Tensor:
     return second + warp(first, second)
 
 
+def invert_ddf(ddf, tolerance: float = 0.01) -> tuple[tf.Tensor, float]:
+    """The inverse `v` `[batch, D, H, W, 3]` of a DDF `w` `[batch, D, H, W, 3]` (voxels), and its residual.
+
+    `v(x) = -w(x + v(x))`, so that `compose_ddf(w, v)` is zero: warping with `w`, then with `v`,
+    gives the image back. Newton's method from `v = -w`, at most 30 steps, stopping once the
+    residual `|v + w(x + v(x))|` is below a tenth of `tolerance` everywhere. Returns `v` and the
+    largest residual (voxels, over the batch); raises `ValueError` if it stays above `tolerance`
+    (where `w` folds, it has no inverse).
+    """
+    w = _validate.ddf("ddf", ddf)
+    gradient = spatial_gradient(w)  # d w_i / d x_j, [batch, D, H, W, 3, 3]
+    flat_gradient = tf.reshape(gradient, tf.concat([tf.shape(w)[:-1], [9]], 0))  # warped as 9 channels
+    v = -w
+    for _ in range(30):
+        residual = v + warp(w, v)
+        worst = float(tf.reduce_max(tf.abs(residual)))
+        if worst < tolerance / 10:
+            break
+        jacobian = tf.reshape(warp(flat_gradient, v), tf.shape(gradient)) + tf.eye(3)
+        v = v - tf.linalg.solve(jacobian, residual[..., None])[..., 0]
+    if worst > tolerance:
+        raise ValueError(f"could not invert the DDF: residual {worst:.3f} voxel, above the tolerance "
+                         f"{tolerance} (does it fold?)")
+    return v, worst
+
+
 def svf_to_ddf(svf, steps: int = 7) -> tf.Tensor:
     """Integrate a stationary velocity field `[batch, D, H, W, 3]` (voxels) by scaling and squaring.
 

@@ -1,9 +1,9 @@
 """Training a `network.RegistrationNetwork` from a YAML config: `teachreg train CONFIG.yaml`.
 
-The data are image pairs in DeepReg's paired layout, as `teachreg.data.lung` writes and reads
-them: `ROOT/SPLIT/{moving,fixed}_images/NAME.nii.gz`, `ROOT/SPLIT/{moving,fixed}_labels/NAME.nii.gz`
+The data are image pairs in DeepReg's paired layout, as `teachreg.lung` builds them:
+`ROOT/SPLIT/{moving,fixed}_images/NAME.nii.gz`, `ROOT/SPLIT/{moving,fixed}_labels/NAME.nii.gz`
 and `ROOT/SPLIT/ddfs/NAME.nii.gz`, the ground-truth DDF in voxels on the fixed grid (`fixed(x) =
-moving(x + ddf(x))`); `read_pairs` gives teachreg's (z, y, x) arrays.
+moving(x + ddf(x))`); `teachreg.data.load_paired` reads them as `Pair`s in (z, y, x) order.
 
 One epoch visits every training pair once, in an order drawn from (seed, epoch); each pair is
 augmented by random affines (`spatial.random_affine`), by default two independent ones (as
@@ -39,7 +39,7 @@ import yaml
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from teachreg import device, files, losses, network, objective, spatial
+from teachreg import data, device, files, losses, network, objective, spatial
 
 DEFAULTS = {
     "name": "model",  # the saved model is OUTPUT/NAME.weights.h5 + OUTPUT/NAME.json
@@ -184,32 +184,26 @@ def _checked(key: str, value, default):
 # --- data -------------------------------------------------------------------------------------
 
 
-def read_pairs(root=None, split: str = "train", labels: bool = True, ddfs: bool = True) -> list[dict]:
-    """The pairs of `ROOT/SPLIT` in the paired layout, sorted by name, read by `teachreg.data.lung.load_paired`.
-
-    root: default `teachreg.data.data_dir() / "lung_ct"`. Each pair is a dict: "name", "moving",
-    "fixed" `[D, H, W]` float32 (HU for the lung CT dataset), "spacing" (z, y, x) mm, and with
-    `labels` "moving_label", "fixed_label" uint8 `[D, H, W]` (`[D, H, W, L]` with several
-    labels), with `ddfs` "ddf" float32 `[D, H, W, 3]` (voxels, components (z, y, x)). Raises
-    `teachreg.data.DataError` when there are no pairs or a requested label or DDF is missing.
-    """
-    from teachreg.data import DataError, lung
-
-    pairs = []
-    for pair in lung.load_paired(root, split):
-        item = {"name": pair.case, "moving": pair.moving.image, "fixed": pair.fixed.image,
-                "spacing": tuple(pair.fixed.spacing)}
-        if labels:
-            if pair.moving.labels is None or pair.fixed.labels is None:
-                raise DataError(f"{split}/{pair.case}: labels are missing, but the config uses the label loss")
-            for key, volume in (("moving_label", pair.moving), ("fixed_label", pair.fixed)):
-                item[key] = volume.labels[..., 0] if volume.labels.shape[-1] == 1 else volume.labels
-        if ddfs:
+def _arrays(pair: data.Pair, keys) -> dict:
+    """The arrays `keys` of `pair` that a training step takes: "moving", "fixed" (images `[D, H, W]`),
+    "moving_label", "fixed_label" (uint8 `[D, H, W]`, `[D, H, W, L]` with several labels) and "ddf"
+    (`[D, H, W, 3]`, voxels). Raises `teachreg.data.DataError` naming the pair if it lacks them."""
+    arrays = {}
+    for key in keys:
+        if key == "ddf":
             if pair.ddf is None:
-                raise DataError(f"{split}/{pair.case}: the ground-truth DDF is missing, but the config uses the DDF loss")
-            item["ddf"] = pair.ddf
-        pairs.append(item)
-    return pairs
+                raise data.DataError(f"pair {pair.name}: the ground-truth DDF is missing, but the config uses "
+                                     "the DDF loss")
+            arrays[key] = pair.ddf
+            continue
+        volume = pair.moving if key.startswith("moving") else pair.fixed
+        if key in ("moving", "fixed"):
+            arrays[key] = volume.image
+        elif volume.labels is None:
+            raise data.DataError(f"pair {pair.name}: labels are missing, but the config uses the label loss")
+        else:
+            arrays[key] = volume.labels[..., 0] if volume.labels.shape[-1] == 1 else volume.labels
+    return arrays
 
 
 def augment(sample: dict, fixed_affine, moving_affine) -> dict:
@@ -237,22 +231,24 @@ def augment(sample: dict, fixed_affine, moving_affine) -> dict:
     return out
 
 
-def make_dataset(pairs: list[dict], keys, global_batch: int, epoch: int, seed: int, scale: float,
+def make_dataset(pairs: list[data.Pair], keys, global_batch: int, epoch: int, seed: int, scale: float,
                  independent: bool = True, fov_cut: float = 0.0, intensity: float = 0.0,
                  window=network.WINDOW) -> tf.data.Dataset:
     """One epoch of batches `{key: [global_batch, ...]}` (float32), order and augmentation drawn from (seed, epoch).
 
-    pairs: dicts as `read_pairs` gives, all of one shape, with at least `keys`. The last
+    pairs: Pairs, all of one shape; a batch holds their arrays `keys` ("moving", "fixed",
+    "moving_label", "fixed_label", "ddf"; labels `[D, H, W]` where a pair has one). The last
     incomplete batch is dropped. Augmentation, applied in this order:
     - `scale`: `spatial.random_affine`'s scale (0: none); `independent`: a different affine for
       the fixed and the moving side, else the same one (see `augment`);
     - `fov_cut`: the probability that a pair's field of view is cut along D (the scanner's axis)
-      to a slab of 40-80 % of the lungs' extent in the fixed label (the whole axis without
-      labels), as in scans that miss the lung base or apex: both images are set to `window[0]`
+      to a slab of 40-80 % of the lungs' extent in the fixed label (the whole axis when `keys` hold
+      no labels), as in scans that miss the lung base or apex: both images are set to `window[0]`
       (air) outside the slab and both labels to 0; the DDF is kept;
     - `intensity`: both images of a pair get one random linear change of intensity, `a * image + b`
       with `|a - 1| <= intensity` and `|b| <= intensity * (window[1] - window[0])`, as between scanners.
     """
+    pairs = [_arrays(pair, keys) for pair in pairs]
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(pairs))
     shape = pairs[0]["fixed"].shape
@@ -354,13 +350,15 @@ def _check_resumable(out: Path, config: dict) -> None:
                          f"{', '.join(changes)}; to resume it, use its config; else {_AFRESH}.")
 
 
-def _check_finite(pairs: list[dict], keys, where: str) -> None:
-    """Raise a `ValueError` naming the first pair whose arrays `keys` hold NaN or infinity (`where`: their files)."""
+def _check_finite(pairs: list[data.Pair], keys, where: str) -> None:
+    """Raise a `ValueError` naming the first pair whose arrays `keys` hold NaN or infinity (`where`: their files).
+
+    A pair that lacks a label or the DDF of `keys` raises `teachreg.data.DataError`."""
     for i, pair in enumerate(pairs):
-        for key in keys:
-            bad = np.size(pair[key]) - np.count_nonzero(np.isfinite(pair[key]))
+        for key, array in _arrays(pair, keys).items():
+            bad = np.size(array) - np.count_nonzero(np.isfinite(array))
             if bad:
-                raise ValueError(f"training pair {pair.get('name', i)!r}: {key!r} has {bad} non-finite value(s) "
+                raise ValueError(f"training pair {pair.name or i!r}: {key!r} has {bad} non-finite value(s) "
                                  f"(NaN or inf){where}; replace them with finite values or leave the pair out.")
 
 
@@ -386,7 +384,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def train(config=None, output=None, epochs: int | None = None, resume: bool = True, progress: bool = True,
-          pairs: list[dict] | None = None) -> tuple[network.RegistrationNetwork, list[dict]]:
+          pairs: list[data.Pair] | None = None) -> tuple[network.RegistrationNetwork, list[dict]]:
     """Train a `RegistrationNetwork` as `config` says (YAML path or dict, see `DEFAULTS`); returns (model, history).
 
     `output` and `epochs` override the config's. The output folder receives `config.yaml` (the
@@ -396,7 +394,7 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     from the latest checkpoint in `output`, which must come from the same config but for
     `RESUMABLE` (else a `ValueError` says what differs); run with more `epochs` to train further.
     Without `resume`, the checkpoints and history in `output` are deleted first. `pairs` (from
-    `read_pairs`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
+    `teachreg.data.load_paired`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
     """
     config = load_config(config, **({"output": str(output)} if output else {}),
                          **({"epochs": epochs} if epochs is not None else {}))
@@ -409,11 +407,9 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     keys = ["moving", "fixed"] + (["moving_label", "fixed_label"] if labels else []) + (["ddf"] if weights["ddf"] else [])
     where = ""
     if pairs is None:
-        from teachreg.data import data_dir
-
         root, split = config["data"]["root"], config["data"]["split"]
-        pairs = read_pairs(root, split, labels=labels, ddfs=bool(weights["ddf"]))
-        where = f", in its files in {Path(root or data_dir() / 'lung_ct') / split}"
+        pairs = data.load_paired(root, split)
+        where = f", in its files in {Path(root or data.data_dir() / 'lung_ct') / split}"
     _check_finite(pairs, keys, where)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:

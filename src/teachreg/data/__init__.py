@@ -1,4 +1,5 @@
-"""The course's data: a manifest of public files, a verified download cache, and loaders.
+"""The course's data: a manifest of public files, a verified download cache, loaders, and
+registration pairs on disk (`load_paired`, `write_pair`).
 
 >>> from teachreg import data
 >>> vol = data.load("hnct")     # Volume: image [z, y, x] (HU), spacing (mm)
@@ -24,7 +25,7 @@ from .fetch import (
     verify,
 )
 from .loaders import Pair, Volume, load
-from .lung import LungPair, load_paired
+from .paired import load_paired, write_pair
 
 __all__ = [
     "CacheError",
@@ -33,7 +34,6 @@ __all__ = [
     "Dataset",
     "DownloadError",
     "FileEntry",
-    "LungPair",
     "Pair",
     "UnknownDatasetError",
     "Volume",
@@ -48,4 +48,5 @@ __all__ = [
     "manifest_markdown",
     "remove_leftovers",
     "verify",
+    "write_pair",
 ]

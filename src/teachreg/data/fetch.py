@@ -1,14 +1,14 @@
-"""Download, verify and cache the course's data files, as listed in ``data_manifest.yaml``.
+"""Download, verify and cache the course's data files, as listed in `data_manifest.yaml`.
 
-Files are cached under ``data_dir()``, each at its manifest ``name`` (``hnct/demo.h5``, ...).
+Files are cached under `data_dir()`, each at its manifest `name` (`hnct/demo.h5`, ...).
 Environment variables:
 
-- ``TEACHREG_DATA_DIR``: the cache directory (default: ``pooch.os_cache("teachreg")``).
-- ``TEACHREG_DATA_MIRROR``: a mirror tried before the upstream URL, either a directory laid out
-  as ``sha256/<hex digest>`` or a base URL (then ``BASE/sha256/<hex digest>`` is downloaded).
+- `TEACHREG_DATA_DIR`: the cache directory (default: `pooch.os_cache("teachreg")`).
+- `TEACHREG_DATA_MIRROR`: a mirror tried before the upstream URL, either a directory laid out
+  as `sha256/<hex digest>` or a base URL (then `BASE/sha256/<hex digest>` is downloaded).
 
 Every file is checked against its SHA-256 before it lands in the cache (writes are atomic: a
-temporary file ``.NAME.<16 hex digits>.part`` next to it, then ``os.replace``), and a cached file
+temporary file `.NAME.<16 hex digits>.part` next to it, then `os.replace`), and a cached file
 is re-hashed the first time a process uses it, so a truncated or corrupted file is downloaded
 again. Cached files get the permissions the umask allows, so a cache can be shared.
 """
@@ -43,7 +43,7 @@ _STALE_S = 10 * TIMEOUT_S
 
 
 class DataError(Exception):
-    """Base class of the errors raised by ``teachreg.data``."""
+    """Base class of the errors raised by `teachreg.data`."""
 
 
 class UnknownDatasetError(DataError, LookupError):
@@ -64,7 +64,7 @@ class CacheError(DataError, OSError):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file: its cache path ``name``, upstream ``url``, ``sha256`` and ``size`` in bytes."""
+    """One file: its cache path `name`, upstream `url`, `sha256` and `size` in bytes."""
 
     name: str
     url: str
@@ -90,7 +90,7 @@ class Dataset:
 
 @functools.cache
 def manifest() -> dict[str, Dataset]:
-    """The datasets of ``teachreg/data_manifest.yaml``, by name."""
+    """The datasets of `teachreg/data_manifest.yaml`, by name."""
     text = resources.files("teachreg").joinpath("data_manifest.yaml").read_text(encoding="utf-8")
     return {
         name: Dataset(
@@ -105,7 +105,7 @@ def manifest() -> dict[str, Dataset]:
 
 
 def dataset(name: str) -> Dataset:
-    """The manifest entry of dataset ``name``; UnknownDatasetError lists the known ones."""
+    """The manifest entry of dataset `name`; UnknownDatasetError lists the known ones."""
     datasets = manifest()
     if name not in datasets:
         raise UnknownDatasetError(
@@ -116,7 +116,7 @@ def dataset(name: str) -> Dataset:
 
 
 def data_dir() -> Path:
-    """The cache directory: ``$TEACHREG_DATA_DIR`` or ``pooch.os_cache("teachreg")``."""
+    """The cache directory: `$TEACHREG_DATA_DIR` or `pooch.os_cache("teachreg")`."""
     return Path(os.environ.get(DATA_DIR_ENV) or pooch.os_cache("teachreg"))
 
 
@@ -130,7 +130,7 @@ def _stat_key(path: Path) -> tuple[int, int]:
 
 
 def _is_valid(path: Path, entry: FileEntry) -> bool:
-    """True if ``path`` holds ``entry``'s bytes (hashed once per process while unchanged)."""
+    """True if `path` holds `entry`'s bytes (hashed once per process while unchanged)."""
     if not path.is_file():
         return False
     key = _stat_key(path)
@@ -143,9 +143,9 @@ def _is_valid(path: Path, entry: FileEntry) -> bool:
 
 
 def _write_verified(dest: Path, entry: FileEntry, write) -> bool:
-    """Put ``entry`` at ``dest`` with ``write(file)`` if its digest matches; False if it does not.
+    """Put `entry` at `dest` with `write(file)` if its digest matches; False if it does not.
 
-    ``write`` fills a temporary file next to ``dest``, which is removed whatever happens (an
+    `write` fills a temporary file next to `dest`, which is removed whatever happens (an
     error, Ctrl-C); created by open(), it has the permissions the umask allows.
     """
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
@@ -166,7 +166,7 @@ def _copy(src: Path, out) -> None:
 
 
 def _download(entry: FileEntry, dest: Path, progressbar: bool) -> None:
-    """Put ``entry`` at ``dest``: from the mirror if there is one, else (or then) from upstream."""
+    """Put `entry` at `dest`: from the mirror if there is one, else (or then) from upstream."""
     mirror = os.environ.get(MIRROR_ENV, "")
     urls = [entry.url]
     failures: list[tuple[str, type[DataError], object]] = []
@@ -206,7 +206,7 @@ def _download(entry: FileEntry, dest: Path, progressbar: bool) -> None:
 
 
 def fetch_file(entry: FileEntry, *, progressbar: bool = False) -> Path:
-    """Return the cached path of ``entry``, downloading (and verifying) it if needed."""
+    """Return the cached path of `entry`, downloading (and verifying) it if needed."""
     dest = data_dir() / entry.name
     if _is_valid(dest, entry):
         return dest
@@ -239,16 +239,16 @@ def fetch_file(entry: FileEntry, *, progressbar: bool = False) -> Path:
 
 
 def fetch(name: str, *, progressbar: bool = False) -> dict[str, Path]:
-    """Download (if needed) every file of dataset ``name`` and return ``{file name: local path}``.
+    """Download (if needed) every file of dataset `name` and return `{file name: local path}`.
 
-    Keys are the manifest file names (e.g. ``"hnct/demo.h5"``); paths are in ``data_dir()``.
+    Keys are the manifest file names (e.g. `"hnct/demo.h5"`); paths are in `data_dir()`.
     Raises UnknownDatasetError, DownloadError, ChecksumError or CacheError (all DataError).
     """
     return {f.name: fetch_file(f, progressbar=progressbar) for f in dataset(name).files}
 
 
 def is_cached(name: str) -> bool:
-    """True if every file of dataset ``name`` is in the cache with the right size (not hashed)."""
+    """True if every file of dataset `name` is in the cache with the right size (not hashed)."""
     root = data_dir()
     return all(
         (root / f.name).is_file() and (root / f.name).stat().st_size == f.size
@@ -257,16 +257,16 @@ def is_cached(name: str) -> bool:
 
 
 def _files(names: list[str] | None) -> list[FileEntry]:
-    """The files of datasets ``names`` (default: all)."""
+    """The files of datasets `names` (default: all)."""
     datasets = [dataset(n) for n in names] if names else manifest().values()
     return [f for ds in datasets for f in ds.files]
 
 
 def verify(names: list[str] | None = None) -> list[Path]:
-    """Re-hash the cached files of ``names`` (default: all datasets); return the bad ones.
+    """Re-hash the cached files of `names` (default: all datasets); return the bad ones.
 
     Bad: a file whose SHA-256 differs, or a directory where a cached file should be. Files not
-    in the cache are skipped; a bad file stays in place until ``fetch`` replaces it.
+    in the cache are skipped; a bad file stays in place until `fetch` replaces it.
     """
     root = data_dir()
     bad = []
@@ -281,7 +281,7 @@ def verify(names: list[str] | None = None) -> list[Path]:
 def remove_leftovers(names: list[str] | None = None) -> list[Path]:
     """Remove the temporary files that interrupted downloads left in the cache; return them.
 
-    Only in the cache directories of ``names`` (default: all datasets), only files named as the
+    Only in the cache directories of `names` (default: all datasets), only files named as the
     fetcher names its temporary files, and only those untouched for 10 minutes (younger ones
     may belong to a download in progress).
     """
@@ -304,7 +304,7 @@ def _mib(nbytes: int) -> str:
 
 
 def manifest_markdown() -> str:
-    """The book's data page (``book/data.md``): every dataset with its details, as Markdown."""
+    """The book's data page (`book/data.md`): every dataset with its details, as Markdown."""
     lines = [
         "# Data",
         "",

@@ -1,11 +1,11 @@
 """Read the course's datasets as NumPy arrays with one axis order and spacing in mm.
 
-Every volume is indexed ``vol[z, y, x]`` = (slice, row, column), like SimpleITK's
-``GetArrayFromImage`` or a DICOM stack, and its ``spacing`` is in mm in the same (z, y, x) order.
+Every volume is indexed `vol[z, y, x]` = (slice, row, column), like SimpleITK's
+`GetArrayFromImage` or a DICOM stack, and its `spacing` is in mm in the same (z, y, x) order.
 Where the file says how it lies in the patient, the axes are put in DICOM patient (LPS) order:
 z runs inferior to superior, y anterior to posterior (so anterior is at the top of an axial slice
-``vol[k]`` shown with ``imshow``), and x from the patient's right to left (radiological view).
-The HDF5 files store no orientation: they are arranged so that ``vol[k]`` is an upright axial
+`vol[k]` shown with `imshow`), and x from the patient's right to left (radiological view).
+The HDF5 files store no orientation: they are arranged so that `vol[k]` is an upright axial
 slice with z running inferior to superior; their left-right direction is not known.
 """
 
@@ -38,9 +38,9 @@ L2R_SPACING = (1.75, 1.25, 1.75)
 class Volume:
     """One image with its voxel spacing and optional binary label masks.
 
-    image: float32 [D, H, W] = (z, y, x); Hounsfield units for CT, arbitrary units for MR.
+    image: float32 `[D, H, W]` = (z, y, x); Hounsfield units for CT, arbitrary units for MR.
     spacing: voxel size in mm, (z, y, x).
-    labels: uint8 [D, H, W, L] binary masks (0/1), channel l named ``label_names[l]``; or None.
+    labels: uint8 `[D, H, W, L]` binary masks (0/1), channel l named `label_names[l]`; or None.
     name: where it comes from (dataset and file).
     """
 
@@ -53,16 +53,23 @@ class Volume:
 
 @dataclass
 class Pair:
-    """A registration pair: the ``moving`` volume is warped onto the ``fixed`` one."""
+    """A registration pair: the `moving` volume is warped onto the `fixed` one.
+
+    ddf: the true displacement where it is known (built pairs), else None: float32 `[D, H, W, 3]`
+    in voxels on the fixed grid, components (z, y, x), `fixed(x) = moving(x + ddf(x))`.
+    name: the pair's name (its file name in the paired layout, e.g. `case_001`).
+    """
 
     moving: Volume
     fixed: Volume
+    ddf: np.ndarray | None = None
+    name: str = ""
 
 
-def _lps_zyx(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """Reorient ``array`` [i, j, k, ...] with voxel-to-RAS ``affine_ras`` to (z, y, x) = (S, P, L).
+def lps_to_zyx(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """Reorient `array` `[i, j, k, ...]` with voxel-to-RAS `affine_ras` `[4, 4]` to (z, y, x) = (S, P, L).
 
-    Returns the array [z, y, x, ...] and its spacing (z, y, x) in mm.
+    Returns the array `[z, y, x, ...]` and its spacing (z, y, x) in mm.
     """
     to_lps = nib.orientations.ornt_transform(
         nib.io_orientation(affine_ras), nib.orientations.axcodes2ornt(("L", "P", "S"))
@@ -75,14 +82,14 @@ def _lps_zyx(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, tup
     return zyx, tuple(float(s) for s in spacing[::-1])
 
 
-def _nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI file's stored array [i, j, k] and voxel-to-RAS affine."""
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI file's array `[i, j, k, ...]` as stored and its voxel-to-RAS affine `[4, 4]` (mm)."""
     img = nib.load(path)
     return np.asanyarray(img.dataobj), img.affine
 
 
-def _nrrd_zyx(path: Path) -> tuple[np.ndarray, tuple]:
-    """A 3-D NRRD file as [z, y, x] (S, P, L) with its spacing in mm."""
+def read_nrrd(path: Path) -> tuple[np.ndarray, tuple]:
+    """A 3-D NRRD file as `[z, y, x]` (S, P, L) with its spacing (z, y, x) in mm."""
     array, header = nrrd.read(str(path))
     space = header.get("space")
     if space not in ("left-posterior-superior", "right-anterior-superior"):
@@ -92,11 +99,11 @@ def _nrrd_zyx(path: Path) -> tuple[np.ndarray, tuple]:
     affine[:3, 3] = header["space origin"]
     if space == "left-posterior-superior":
         affine = _RAS_FROM_LPS @ affine
-    return _lps_zyx(array, affine)
+    return lps_to_zyx(array, affine)
 
 
 def _dicom_series(paths: list[Path]) -> list[pydicom.Dataset]:
-    """The slices of the one DICOM image series among ``paths`` (the files of one folder).
+    """The slices of the one DICOM image series among `paths` (the files of one folder).
 
     Files that are not DICOM images (a README, a DICOMDIR) are skipped with a warning that
     names them; DataError if there is no series, or several (listed).
@@ -134,8 +141,8 @@ def _dicom_series(paths: list[Path]) -> list[pydicom.Dataset]:
     return next(iter(series.values()))
 
 
-def _dicom_zyx(paths: list[Path]) -> tuple[np.ndarray, tuple]:
-    """The DICOM CT series among ``paths`` as float32 HU [z, y, x] (S, P, L), spacing in mm.
+def read_dicom_series(paths: list[Path]) -> tuple[np.ndarray, tuple]:
+    """The one DICOM CT series among `paths` as float32 HU `[z, y, x]` (S, P, L), spacing (z, y, x) mm.
 
     Slices are sorted by position along the slice normal; values are rescaled with
     RescaleSlope/Intercept; spacing comes from PixelSpacing and the slice positions.
@@ -162,16 +169,42 @@ def _dicom_zyx(paths: list[Path]) -> tuple[np.ndarray, tuple]:
     affine[:3, 1] = col_dir * row_spacing
     affine[:3, 2] = normal * steps.mean()
     affine[:3, 3] = positions[order[0]]
-    return _lps_zyx(hu.transpose(2, 1, 0), _RAS_FROM_LPS @ affine)
+    return lps_to_zyx(hu.transpose(2, 1, 0), _RAS_FROM_LPS @ affine)
+
+
+def read_volume(path: Path) -> Volume:
+    """A CT or mask from a NIfTI or NRRD file or a DICOM folder: image float32 `[z, y, x]`, spacing mm.
+
+    No labels; the name is the file's or folder's. Raises DataError naming `path` if it cannot be
+    read or holds NaN or infinite values.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            array, spacing = read_dicom_series(sorted(p for p in path.iterdir() if p.is_file()))
+        elif path.suffix == ".nrrd":
+            array, spacing = read_nrrd(path)
+        else:
+            array, spacing = lps_to_zyx(*read_nifti(path))
+    except DataError:  # already names the file or folder (a DICOM folder with several series)
+        raise
+    except Exception as err:  # nibabel, pynrrd and pydicom each have their own errors
+        raise DataError(f"{path}: not a readable NIfTI or NRRD file or DICOM folder ({err})") from err
+    array = np.asarray(array, np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise DataError(f"{path}: {bad} voxel{' is' if bad == 1 else 's are'} not finite (NaN or infinite); "
+                        "give a file with a value in every voxel")
+    return Volume(array, spacing, None, (), path.name)
 
 
 def _masks(*masks: np.ndarray) -> np.ndarray:
-    """Stack masks [D, H, W] into uint8 binary labels [D, H, W, L]."""
+    """Stack masks `[D, H, W]` into uint8 binary labels `[D, H, W, L]`."""
     return np.ascontiguousarray(np.stack([m > 0 for m in masks], axis=-1), dtype=np.uint8)
 
 
 def _hnct() -> Volume:
-    """Head-and-neck CT: image [37, 128, 128] HU, labels [..., 2] = (spinal_cord, brainstem).
+    """Head-and-neck CT: image `[37, 128, 128]` HU, labels `[..., 2]` = (spinal_cord, brainstem).
 
     The file stores [x, y, z] (128x128x37), labels in the order (brainstem, spinal cord), and
     no spacing or orientation; we transpose to (z, y, x) (z inferior to superior, anterior at
@@ -195,7 +228,7 @@ def _hnct() -> Volume:
 def _prostate_mr() -> Pair:
     """Prostate MR of two subjects: moving = subject 0 (image0), fixed = subject 1 (image1).
 
-    Images [32, 128, 128] float32 (arbitrary MR units), labels [..., 1] = (prostate,).
+    Images `[32, 128, 128]` float32 (arbitrary MR units), labels `[..., 1]` = (prostate,).
     This matches DeepReg's classical nonrigid prostate demo (image0 moving, image1 fixed).
     The file stores (z, y, x) with no spacing: 1 mm isotropic is an ASSUMPTION (it makes the
     gland volumes 18 and 15 mL, plausible).
@@ -225,9 +258,9 @@ def _lung_cases(split: str) -> list[int]:
 def _lung_masks(case: int = 1, split: str = "train") -> Pair:
     """Learn2Reg lung masks of one patient: moving = expiration, fixed = inspiration.
 
-    Each Volume has image = the mask as float32 [208, 192, 192] and labels [..., 1] = (lung,),
+    Each Volume has image = the mask as float32 `[208, 192, 192]` and labels `[..., 1]` = (lung,),
     spacing (1.75, 1.25, 1.75) mm (z, y, x) from the NIfTI header.
-    ``split`` is "train" (cases 1-7, 9, 10, 13-19) or "test" (cases 11, 12).
+    `split` is "train" (cases 1-7, 9, 10, 13-19) or "test" (cases 11, 12).
     """
     cases = _lung_cases(split) if split in ("train", "test") else []
     if case not in cases:
@@ -239,52 +272,52 @@ def _lung_masks(case: int = 1, split: str = "train") -> Pair:
 
     def volume(kind: str) -> Volume:
         name = f"lung_masks/{split}/{kind}_labels/case_{case:03d}.nii.gz"
-        mask, spacing = _lps_zyx(*_nifti(paths[name]))
+        mask, spacing = lps_to_zyx(*read_nifti(paths[name]))
         return Volume(mask.astype(np.float32), spacing, _masks(mask), ("lung",), name)
 
     return Pair(moving=volume("moving"), fixed=volume("fixed"))
 
 
 def _l2r_case001() -> Volume:
-    """Learn2Reg case_001 expiration chest CT [208, 192, 192], labels [..., 1] = (lung,).
+    """Learn2Reg case_001 expiration chest CT `[208, 192, 192]`, labels `[..., 1]` = (lung,).
 
-    The MATLAB file holds ``vol``, uint8, stored like the case's NIfTI lung mask (whose header
-    gives the orientation), and ``voxdims`` = 1 mm, which is wrong: the true spacing is
+    The MATLAB file holds `vol`, uint8, stored like the case's NIfTI lung mask (whose header
+    gives the orientation), and `voxdims` = 1 mm, which is wrong: the true spacing is
     (1.75, 1.25, 1.75) mm (z, y, x). The uint8 values have no published map to HU; we use the
     ESTIMATE HU = 9.04 * value - 1000 (air 0 -> -1000 HU, soft-tissue peak 115 -> +40 HU), so
     treat the HU values as approximate.
     """
     paths = fetch("chest_ct_l2r_case001")
     vol = scipy.io.loadmat(paths["chest_ct/l2r_case001_exp/test_lung_ct.mat"])["vol"]
-    mask, affine = _nifti(paths["lung_masks/train/moving_labels/case_001.nii.gz"])
-    image, _ = _lps_zyx(9.04 * vol.astype(np.float32) - 1000.0, affine)
-    mask, _ = _lps_zyx(mask, affine)
+    mask, affine = read_nifti(paths["lung_masks/train/moving_labels/case_001.nii.gz"])
+    image, _ = lps_to_zyx(9.04 * vol.astype(np.float32) - 1000.0, affine)
+    mask, _ = lps_to_zyx(mask, affine)
     return Volume(image, L2R_SPACING, _masks(mask), ("lung",), "chest_ct_l2r_case001")
 
 
 def _dynagan_0103() -> Volume:
-    """TCIA 4D-Lung patient 0103, phase 5: [128, 128, 128] HU, spacing from the NIfTI header."""
+    """TCIA 4D-Lung patient 0103, phase 5: `[128, 128, 128]` HU, spacing from the NIfTI header."""
     path = fetch("chest_ct_dynagan_0103")["chest_ct/dynagan_0103/LungCT_0103_0005.nii.gz"]
-    array, affine = _nifti(path)
-    image, spacing = _lps_zyx(array.astype(np.float32), affine)
+    array, affine = read_nifti(path)
+    image, spacing = lps_to_zyx(array.astype(np.float32), affine)
     return Volume(image, spacing, None, (), "chest_ct_dynagan_0103")
 
 
 def _cip() -> list[Volume]:
     """Chest Imaging Platform test CTs: [ct-64, TestInput], HU, spacing from the NRRD headers.
 
-    ct-64 [79, 64, 64] at (3.99, 4.17, 4.17) mm has labels [..., 3] = (lung, right_lung,
-    left_lung): ``lung`` is wholeLung-64.nrrd, the two others come from the CIP label map
+    ct-64 `[79, 64, 64]` at (3.99, 4.17, 4.17) mm has labels `[..., 3]` = (lung, right_lung,
+    left_lung): `lung` is wholeLung-64.nrrd, the two others come from the CIP label map
     lm-64.nrrd (value = 256 * type + region; regions 2, 4-6, 12-14 are right, 3, 7-11 left).
-    TestInput [50, 64, 64] at (6.99, 5.28, 5.28) mm is another chest CT, without labels.
+    TestInput `[50, 64, 64]` at (6.99, 5.28, 5.28) mm is another chest CT, without labels.
     """
     paths = fetch("chest_ct_cip")
-    ct, spacing = _nrrd_zyx(paths["chest_ct/cip/ct-64.nrrd"])
-    lung, _ = _nrrd_zyx(paths["chest_ct/cip/wholeLung-64.nrrd"])
-    region = _nrrd_zyx(paths["chest_ct/cip/lm-64.nrrd"])[0] & 0xFF
+    ct, spacing = read_nrrd(paths["chest_ct/cip/ct-64.nrrd"])
+    lung, _ = read_nrrd(paths["chest_ct/cip/wholeLung-64.nrrd"])
+    region = read_nrrd(paths["chest_ct/cip/lm-64.nrrd"])[0] & 0xFF
     right = np.isin(region, (2, 4, 5, 6, 12, 13, 14))
     left = np.isin(region, (3, 7, 8, 9, 10, 11))
-    test, test_spacing = _nrrd_zyx(paths["chest_ct/cip/TestInput.nrrd"])
+    test, test_spacing = read_nrrd(paths["chest_ct/cip/TestInput.nrrd"])
     return [
         Volume(
             image=ct.astype(np.float32),
@@ -298,17 +331,17 @@ def _cip() -> list[Volume]:
 
 
 def _dicom_dataset(name: str) -> Volume:
-    image, spacing = _dicom_zyx(sorted(fetch(name).values()))
+    image, spacing = read_dicom_series(sorted(fetch(name).values()))
     return Volume(image, spacing, None, (), name)
 
 
 def _cptac() -> Volume:
-    """TCIA CPTAC C3N-00247 chest CT (DICOM): [99, 512, 512] HU, (3, 0.564, 0.564) mm."""
+    """TCIA CPTAC C3N-00247 chest CT (DICOM): `[99, 512, 512]` HU, (3, 0.564, 0.564) mm."""
     return _dicom_dataset("chest_ct_cptac")
 
 
 def _itkelastix() -> Volume:
-    """ITKElastix example chest CT (DICOM): [141, 512, 512] HU, (2, 0.977, 0.977) mm."""
+    """ITKElastix example chest CT (DICOM): `[141, 512, 512]` HU, (2, 0.977, 0.977) mm."""
     return _dicom_dataset("chest_ct_itkelastix")
 
 
@@ -325,18 +358,18 @@ _LOADERS = {
 
 
 def load(name: str, **kwargs) -> Volume | Pair | list[Volume]:
-    """Fetch dataset ``name`` if needed and read it; arrays are (z, y, x), spacing in mm.
+    """Fetch dataset `name` if needed and read it; arrays are (z, y, x), spacing in mm.
 
-    - ``"hnct"`` -> Volume, CT in HU, labels (spinal_cord, brainstem); spacing assumed.
-    - ``"prostate_mr"`` -> Pair (moving = subject 0, fixed = subject 1), labels (prostate,);
+    - `"hnct"` -> Volume, CT in HU, labels (spinal_cord, brainstem); spacing assumed.
+    - `"prostate_mr"` -> Pair (moving = subject 0, fixed = subject 1), labels (prostate,);
       spacing assumed 1 mm.
-    - ``"lung_masks"``, ``case=1, split="train"`` -> Pair of mask Volumes
+    - `"lung_masks"`, `case=1, split="train"` -> Pair of mask Volumes
       (moving = expiration, fixed = inspiration).
-    - ``"chest_ct_l2r_case001"`` -> Volume, approximate HU, labels (lung,).
-    - ``"chest_ct_dynagan_0103"``, ``"chest_ct_cptac"``, ``"chest_ct_itkelastix"`` -> Volume, HU.
-    - ``"chest_ct_cip"`` -> [ct-64 with labels (lung, right_lung, left_lung), TestInput].
+    - `"chest_ct_l2r_case001"` -> Volume, approximate HU, labels (lung,).
+    - `"chest_ct_dynagan_0103"`, `"chest_ct_cptac"`, `"chest_ct_itkelastix"` -> Volume, HU.
+    - `"chest_ct_cip"` -> [ct-64 with labels (lung, right_lung, left_lung), TestInput].
 
-    See each loader's docstring (``teachreg.data.loaders``) for shapes and assumptions.
+    See each loader's docstring (`teachreg.data.loaders`) for shapes and assumptions.
     """
     dataset(name)  # raises UnknownDatasetError listing the known names
     return _LOADERS[name](**kwargs)

@@ -1,29 +1,29 @@
 """A paired chest-CT dataset with real breathing motion and a known ground truth.
 
 No public pair of one patient's chest CT at two breathing states could be mirrored, so every
-pair is built from real parts (``build``, or ``teachreg data build-lung``):
+pair is built from real parts (`build`, or `teachreg data build-lung`):
 
 1. A real chest CT (one breathing state of one patient) in HU, and its lungs: the real mask where
-   there is one (Learn2Reg case_001, CIP ct-64), else segmented (``segment_lungs``); a CT whose
-   lungs are not those of an adult chest CT (``check_lungs``: volume, density) is refused.
+   there is one (Learn2Reg case_001, CIP ct-64), else segmented (`segment_lungs`); a CT whose
+   lungs are not those of an adult chest CT (`check_lungs`: volume, density) is refused.
 2. A real breathing motion: the displacement between one Learn2Reg patient's expiration and
-   inspiration lung masks, found by registering the masks with ``teachreg.register.nonrigid``
+   inspiration lung masks, found by registering the masks with `teachreg.register.nonrigid`
    (Dice and SSD of the masks, bending energy, cubic B-spline, on the grid halved) in both
-   directions (``estimate_motion``). The scans are not aligned beforehand, so the displacement
+   directions (`estimate_motion`). The scans are not aligned beforehand, so the displacement
    also holds any change in the patient's position between them.
 3. The motion is carried to the CT by the affine map that matches the lungs' bounding boxes, and
    the CT is warped with it into the other breathing state; inside the lungs its density is
    scaled by the local volume change (mass preservation: tissue is denser at expiration), and
-   its lung mask is warped with nearest-neighbour interpolation (``make_pair``).
+   its lung mask is warped with nearest-neighbour interpolation (`make_pair`).
 
-Conventions, as Learn2Reg and DeepReg's ``paired_ct_lung`` demo: moving = expiration, fixed =
-inspiration. The DDF ``u`` is float32 ``[D, H, W, 3]`` in voxels on the fixed grid, components
-in (z, y, x) order, and ``fixed(x) = moving(x + u(x))`` (``teachreg.spatial``'s convention).
-A CT at expiration is the moving image and the fixed one is it warped with ``u``: ``u`` is
+Conventions, as Learn2Reg and DeepReg's `paired_ct_lung` demo: moving = expiration, fixed =
+inspiration. The DDF `u` is float32 `[D, H, W, 3]` in voxels on the fixed grid, components
+in (z, y, x) order, and `fixed(x) = moving(x + u(x))` (`teachreg.spatial`'s convention).
+A CT at expiration is the moving image and the fixed one is it warped with `u`: `u` is
 exact. A CT at inspiration is the fixed image, the moving one is it warped with the
-inspiration-to-expiration motion ``w``, and ``u`` is ``w``'s inverse, solved to 0.01 voxel.
+inspiration-to-expiration motion `w`, and `u` is `w`'s inverse, solved to 0.01 voxel (`spatial.invert_ddf`).
 Both images of a pair are sampled once from the original CT (Gaussian anti-aliasing, trilinear),
-so ``warp(moving, u)`` matches ``fixed`` to interpolation error, outside the lungs, and inside
+so `warp(moving, u)` matches `fixed` to interpolation error, outside the lungs, and inside
 them once the density scaling is undone.
 
 Breathing states: Learn2Reg case_001's CT is at expiration; TCIA 4D-Lung 0103 phase 5 is ASSUMED
@@ -31,43 +31,33 @@ to be end-expiration (the 50 % phase of its 4D-CT); the CIP, CPTAC and ITKElasti
 diagnostic scans ASSUMED to be at full-inspiration breath-hold.
 
 Several Learn2Reg expiration scans do not cover the whole lungs (case 1 loses about 4 cm at the
-base and 2 cm at the apex). Where a mask's first or last slice is wider than ``CUT_FRACTION`` of
+base and 2 cm at the apex). Where a mask's first or last slice is wider than `CUT_FRACTION` of
 its widest slice, the scan's field of view cut it there; both masks are then cut at that plane
 before registering, so that the missing lung does not distort the motion.
 
 Split by patient and by motion: the test CTs (Learn2Reg case_001, ITKElastix) and test motions
 (Learn2Reg cases 1, 11, 12) never appear in training; case_001's CT with its own motion is a
-test pair, and ``build.json`` gives the Dice of its warped expiration mask with its real
-inspiration mask. Each split's content depends only on the parameters and ``seed``, not on which
-splits are built, so ``build(splits=("test",))`` alone is fast.
+test pair, and `build.json` gives the Dice of its warped expiration mask with its real
+inspiration mask. Each split's content depends only on the parameters and `seed`, not on which
+splits are built, so `build(splits=("test",))` alone is fast.
 
-Every CT goes on one grid of ``grid`` voxels (z, y, x) of ``spacing`` mm, by default
-104 x 96 x 96 voxels of 3.5 x 2.5 x 3.5 mm: half the Learn2Reg grid (208 x 192 x 192 of
-1.75 x 1.25 x 1.75 mm), same field of view. It is centred on the lungs, shifted by a seeded
-random offset of up to ``JITTER_MM`` per axis per pair (the only random choice), and the
+Every CT goes on one grid of `grid` voxels (z, y, x) of `spacing` mm, by default
+`presets.LUNG_GRID` and `presets.LUNG_SPACING`, 104 x 96 x 96 voxels of 3.5 x 2.5 x 3.5 mm:
+half the Learn2Reg grid (208 x 192 x 192 of 1.75 x 1.25 x 1.75 mm), same field of view. It is centred on the lungs, shifted by a seeded
+random offset of up to `JITTER_MM` per axis per pair (the only random choice), and the
 field of view must hold the lungs.
 
-Layout under ``root`` (DeepReg's paired layout, read by ``load_paired``)::
+Layout under `root`: each split in DeepReg's paired layout (`teachreg.data.paired`: images in
+HU, lung masks, the DDF `u`; written by `write_pair`, read by `load_paired`; the same
+parameters give byte-identical files), and::
 
-    {train,test}/{moving,fixed}_images/case_XXX.nii.gz   int16, HU
-    {train,test}/{moving,fixed}_labels/case_XXX.nii.gz   uint8, 1 = lung
-    {train,test}/ddfs/case_XXX.nii.gz                    float32 [.., 3], the DDF u
-    {train,test}/.teachreg-split                         marks a split ``build`` made (and may replace)
+    {train,test}/.teachreg-split   marks a split `build` made (and may replace)
     build.json   per split its parameters (seed included), per-motion and per-pair statistics
                  (mask Dice, mm, sources); "parameters": those of the last split built
-
-Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, with an affine of the spacing
-(LPS axes), and gzipped with no time stamp, so the same parameters give byte-identical files.
-The real Learn2Reg pairs (CT images and masks, no DDF) come in the same layout from DeepReg's
-``demos/paired_ct_lung/demo_data.py``, which downloads
-https://zenodo.org/record/3835682/files/training.zip (Hering et al., Learn2Reg 2020),
-splits it at random into train/valid/test and rescales the images to [0, 255] (not HU);
-``load_paired`` reads them too.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -76,26 +66,23 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from skimage import measure
 from tqdm.auto import tqdm
 
+from teachreg import metrics, presets, register, spatial
+from teachreg.data import DataError, Pair, Volume, data_dir, load, write_pair
+from teachreg.data.loaders import read_volume
 from teachreg.files import write_atomic
 
-from .fetch import DataError, data_dir
-from .loaders import Pair, Volume, _dicom_zyx, _lps_zyx, _nifti, _nrrd_zyx, load
-
-GRID = (104, 96, 96)
-SPACING = (3.5, 2.5, 3.5)
 JITTER_MM = 7.0
 CUT_FRACTION = 0.01
 HU_AIR = -1000.0
-# A chest CT's lungs, as ``check_lungs`` accepts them: litres, and their mean density in HU.
+# A chest CT's lungs, as `check_lungs` accepts them: litres, and their mean density in HU.
 LUNG_LITRES = (1.5, 12.0)
 LUNG_HU = (-975.0, -400.0)
-MARKER = ".teachreg-split"  # in every split folder ``build`` made: it replaces no other folder
+MARKER = ".teachreg-split"  # in every split folder `build` made: it replaces no other folder
 VERSION = 2  # bump when the output changes, so that cached builds are redone
 # Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
 # weights are tried in turn until the displacement does not fold.
@@ -121,7 +108,7 @@ MOTIONS = {
 
 @dataclass
 class Source:
-    """A real CT ready to be sampled: image float32 HU [z, y, x] (anti-aliased for the grid),
+    """A real CT ready to be sampled: image float32 HU `[z, y, x]` (anti-aliased for the grid),
     lung float32 0/1 on its own voxel grid, spacings and the lungs' bounding box in mm
     (voxel i of either array lies at i * spacing mm)."""
 
@@ -137,9 +124,9 @@ class Source:
 
 @dataclass
 class Motion:
-    """A breathing motion from state ``source`` on a grid in its masks' frame: ``ddf`` float32
-    [D, H, W, 3] (voxels) maps the other state's mask to the source state's; ``origin`` is voxel 0
-    in mm, ``lo``/``hi`` the source mask's bounding box in mm, ``target_lung`` the other mask on the grid."""
+    """A breathing motion from state `source` on a grid in its masks' frame: `ddf` float32
+    `[D, H, W, 3]` (voxels) maps the other state's mask to the source state's; `origin` is voxel 0
+    in mm, `lo`/`hi` the source mask's bounding box in mm, `target_lung` the other mask on the grid."""
 
     name: str
     source: str
@@ -151,15 +138,6 @@ class Motion:
     stats: dict = field(default_factory=dict)
 
 
-@dataclass
-class LungPair(Pair):
-    """A pair as ``Pair`` (moving = expiration, fixed = inspiration), plus ``ddf`` float32
-    [D, H, W, 3] in voxels on the fixed grid, (z, y, x) components, or None, and its ``case`` name."""
-
-    ddf: np.ndarray | None = None
-    case: str = ""
-
-
 def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = np.nonzero(mask > 0.5)
     return np.array([i.min() for i in idx]) * spacing, np.array([i.max() for i in idx]) * spacing
@@ -167,19 +145,19 @@ def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def _sample(volume: np.ndarray, spacing, points_mm: np.ndarray, order: int = 1, cval: float = 0.0,
             mode: str = "constant") -> np.ndarray:
-    """``volume`` (voxel i at i * spacing mm) at ``points_mm`` [..., 3]: float32 [...]."""
+    """`volume` (voxel i at i * spacing mm) at `points_mm` `[..., 3]`: float32 `[...]`."""
     coords = np.moveaxis(points_mm / np.asarray(spacing), -1, 0)
     return ndimage.map_coordinates(volume, coords, order=order, mode=mode, cval=cval, output=np.float32)
 
 
 def _grid_mm(origin: np.ndarray, grid, spacing) -> np.ndarray:
-    """The points [D, H, W, 3] (mm) of a grid of ``grid`` voxels of ``spacing`` starting at ``origin``."""
+    """The points `[D, H, W, 3]` (mm) of a grid of `grid` voxels of `spacing` starting at `origin`."""
     axes = [origin[i] + np.arange(grid[i]) * spacing[i] for i in range(3)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
 def _check_fits(lo: np.ndarray, hi: np.ndarray, name: str, grid, spacing) -> None:
-    """Raise DataError naming ``name`` if a bounding box (mm) is longer than the grid's field of view."""
+    """Raise DataError naming `name` if a bounding box (mm) is longer than the grid's field of view."""
     extent = np.asarray(grid) * np.asarray(spacing)
     if np.any(hi - lo > extent):
         lungs, grid_mm = (" x ".join(f"{x:.0f}" for x in v) for v in (hi - lo, extent))
@@ -188,11 +166,11 @@ def _check_fits(lo: np.ndarray, hi: np.ndarray, name: str, grid, spacing) -> Non
 
 
 def segment_lungs(image: np.ndarray, spacing, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Lungs of a CT ``image`` [z, y, x] (HU): float32 0/1 mask on the CT strided to about 2 mm, and its spacing.
+    """Lungs of a CT `image` `[z, y, x]` (HU): float32 0/1 mask on the CT strided to about 2 mm, and its spacing.
 
     Air (below -400 HU) inside the body (above -500 HU, largest component, holes filled slice by
     slice), its largest one or two components, closed and hole-filled. Raises DataError naming
-    ``name`` if the result is not a plausible pair of lungs (0.5 to 12 litres).
+    `name` if the result is not a plausible pair of lungs (0.5 to 12 litres).
     """
     step = np.maximum(1, np.round(2.0 / np.asarray(spacing))).astype(int)
     small = ndimage.gaussian_filter(image, np.where(step > 1, step / 2, 0))[:: step[0], :: step[1], :: step[2]]
@@ -210,7 +188,7 @@ def segment_lungs(image: np.ndarray, spacing, name: str) -> tuple[np.ndarray, np
 
 
 def _largest(mask: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` largest connected components of ``mask`` (those at least 10 % of the largest)."""
+    """The `count` largest connected components of `mask` (those at least 10 % of the largest)."""
     labels = measure.label(mask, connectivity=1)
     sizes = np.bincount(labels.ravel())[1:]
     if sizes.size == 0:
@@ -220,8 +198,8 @@ def _largest(mask: np.ndarray, count: int) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def prepare_ct(volume: Volume, state: str, name: str, spacing=SPACING) -> Source:
-    """A CT Volume (HU) at breathing ``state`` made ready to be sampled on grids of ``spacing`` mm.
+def prepare_ct(volume: Volume, state: str, name: str, spacing=presets.LUNG_SPACING) -> Source:
+    """A CT Volume (HU) at breathing `state` made ready to be sampled on grids of `spacing` mm.
 
     Its first label is taken as the lungs if it has labels, else they are segmented.
     """
@@ -241,7 +219,7 @@ def prepare_ct(volume: Volume, state: str, name: str, spacing=SPACING) -> Source
 
 def check_lungs(source: Source, where: str) -> tuple[float, float]:
     """The volume (litres) and mean density (HU) of a prepared CT's lungs; raises DataError naming
-    ``where`` unless they are in ``LUNG_LITRES`` and ``LUNG_HU``, as for an adult chest CT that holds
+    `where` unless they are in `LUNG_LITRES` and `LUNG_HU`, as for an adult chest CT that holds
     both lungs (a head-and-neck CT shows only their apices, a mask off the lungs holds tissue)."""
     voxels = np.argwhere(source.lung > 0.5)
     litres = float(len(voxels) * np.prod(source.lung_spacing) / 1e6)
@@ -254,8 +232,8 @@ def check_lungs(source: Source, where: str) -> tuple[float, float]:
 
 
 def _field_of_view_cut(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """The slices [z0, z1] that both masks [z, y, x] cover: where a mask's end slice is wider than
-    ``CUT_FRACTION`` of its widest, the scan's field of view cut the lungs there."""
+    """The slices `[z0, z1]` that both masks `[z, y, x]` cover: where a mask's end slice is wider than
+    `CUT_FRACTION` of its widest, the scan's field of view cut the lungs there."""
     z0, z1 = 0, a.shape[0] - 1
     for mask in (a, b):
         area = mask.sum(axis=(1, 2))
@@ -268,19 +246,17 @@ def _field_of_view_cut(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
 
 
 def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source: str,
-                    grid=GRID, spacing=SPACING) -> Motion:
-    """Register a patient's lung mask at breathing state ``source`` onto the one at the other state.
+                    grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING) -> Motion:
+    """Register a patient's lung mask at breathing state `source` onto the one at the other state.
 
-    Masks: Volumes on one voxel grid (labels [..., 0] used). Both are cut to their common field of
-    view, sampled on a grid of ``grid`` voxels of ``spacing`` mm centred on their lungs, halved,
-    and registered with ``register.nonrigid`` (``REGISTRATION``, with the first weight of
-    ``REGULARISER_WEIGHTS`` whose displacement does not fold); the DDF is resized to the grid.
-    ``stats``: mask Dice before and after, displacement in mm inside the target lungs (mean, 95th
+    Masks: Volumes on one voxel grid (labels `[..., 0]` used). Both are cut to their common field of
+    view, sampled on a grid of `grid` voxels of `spacing` mm centred on their lungs, halved,
+    and registered with `register.nonrigid` (`REGISTRATION`, with the first weight of
+    `REGULARISER_WEIGHTS` whose displacement does not fold); the DDF is resized to the grid.
+    `stats`: mask Dice before and after, displacement in mm inside the target lungs (mean, 95th
     percentile, max), the slices kept, the weight. Raises DataError, naming the motion, if a mask
     is empty, the masks' grids differ, the lungs do not fit in the grid, or the motion folds.
     """
-    from teachreg import metrics, register, spatial
-
     s = np.asarray(source_mask.spacing, np.float64)
     a, b = source_mask.labels[..., 0] > 0, target_mask.labels[..., 0] > 0
     if a.shape != b.shape or not np.allclose(s, target_mask.spacing):
@@ -324,11 +300,11 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
     return Motion(name, source, ddf, origin, src_lo, src_hi, fixed > 0.5, stats)
 
 
-def breathing_motions(masks: Pair, name: str, states=("expiration", "inspiration"), grid=GRID,
-                      spacing=SPACING) -> list[Motion]:
-    """One patient's motions (``estimate_motion``) from its lung masks, ``masks.moving`` at
-    expiration and ``masks.fixed`` at inspiration: one from each of ``states`` to the other,
-    named ``{name}_exp2ins`` and ``{name}_ins2exp``."""
+def breathing_motions(masks: Pair, name: str, states=("expiration", "inspiration"), grid=presets.LUNG_GRID,
+                      spacing=presets.LUNG_SPACING) -> list[Motion]:
+    """One patient's motions (`estimate_motion`) from its lung masks, `masks.moving` at
+    expiration and `masks.fixed` at inspiration: one from each of `states` to the other,
+    named `{name}_exp2ins` and `{name}_ins2exp`."""
     volumes = {"expiration": masks.moving, "inspiration": masks.fixed}
     other = {"expiration": "inspiration", "inspiration": "expiration"}
     return [estimate_motion(volumes[state], volumes[other[state]], f"{name}_{state[:3]}2{other[state][:3]}",
@@ -336,44 +312,28 @@ def breathing_motions(masks: Pair, name: str, states=("expiration", "inspiration
 
 
 def _jacobian(ddf: np.ndarray) -> np.ndarray:
-    from teachreg import spatial
-
     return spatial.jacobian_determinant(ddf[None]).numpy()[0]
 
 
 def _invert(ddf: np.ndarray, name: str) -> tuple[np.ndarray, float]:
-    """The inverse ``v`` of a DDF ``w`` [D, H, W, 3] (voxels), ``v(x) = -w(x + v(x))``, by Newton's
-    method; returns it and its largest residual (voxels). Raises DataError above 0.01 voxel."""
-    import tensorflow as tf
-
-    from teachreg import spatial
-
-    w = tf.constant(ddf[None])
-    gradient = tf.reshape(spatial.spatial_gradient(w), [1, *ddf.shape[:3], 9])  # d w_i / d x_j
-    v = -w
-    for _ in range(30):
-        residual = v + spatial.warp(w, v)
-        worst = float(tf.reduce_max(tf.abs(residual)))
-        if worst < 1e-3:
-            break
-        jacobian = tf.reshape(spatial.warp(gradient, v), [1, *ddf.shape[:3], 3, 3]) + tf.eye(3)
-        v = v - tf.linalg.solve(jacobian, residual[..., None])[..., 0]
-    if worst > 0.01:
-        raise DataError(f"{name}: could not invert the motion (residual {worst:.3f} voxel)")
-    return v.numpy()[0], worst
+    """The inverse of a DDF `[D, H, W, 3]` (voxels) to 0.01 voxel (`spatial.invert_ddf`) and its
+    largest residual (voxels); DataError naming the pair `name` if it does not converge."""
+    try:
+        inverse, residual = spatial.invert_ddf(ddf[None], tolerance=0.01)
+    except ValueError as err:
+        raise DataError(f"{name}: {err}") from err
+    return inverse.numpy()[0], residual
 
 
-def make_pair(source: Source, motion: Motion, name: str, grid=GRID, spacing=SPACING,
-              shift=(0.0, 0.0, 0.0)) -> tuple[dict, dict]:
-    """Carry ``motion`` to the CT ``source`` and build pair ``name`` on a grid centred on its lungs.
+def make_pair(source: Source, motion: Motion, name: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING,
+              shift=(0.0, 0.0, 0.0)) -> tuple[Pair, dict]:
+    """Carry `motion` to the CT `source` and build pair `name` on a grid centred on its lungs.
 
-    The grid is moved by ``shift`` (in [-1, 1] per axis) times the margin around the lungs, at
-    most ``JITTER_MM``. Returns the arrays, keyed by their folder (moving_images, fixed_images
-    int16 HU [D, H, W]; moving_labels, fixed_labels uint8 [D, H, W]; ddfs float32 [D, H, W, 3]),
-    and statistics. Raises DataError, naming the case, if the lungs do not fit in the grid or
-    the carried motion folds."""
-    from teachreg import metrics
-
+    The grid is moved by `shift` (in [-1, 1] per axis) times the margin around the lungs, at
+    most `JITTER_MM`. Returns the Pair `name`, as `load_paired` reads it once written
+    (images float32 `[D, H, W]` in HU rounded to integers, as stored; labels uint8 `[D, H, W, 1]`
+    = (lung,); `ddf` float32 `[D, H, W, 3]`, voxels), and statistics. Raises DataError, naming
+    the case, if the lungs do not fit in the grid or the carried motion folds."""
     if motion.source != source.state:
         raise ValueError(f"{name}: motion {motion.name} starts at {motion.source}, the CT is at {source.state}")
     grid, spacing = tuple(grid), np.asarray(spacing, np.float64)
@@ -416,83 +376,10 @@ def make_pair(source: Source, motion: Motion, name: str, grid=GRID, spacing=SPAC
     if motion.name.startswith(f"{source.name}_"):  # the CT's own motion: compare with its real mask
         real_target = _sample(motion.target_lung.astype(np.float32), 1.0, in_motion) > 0.5
         stats["fixed_label_dice_with_real_mask"] = round(metrics.dice(labels[1], real_target), 4)
-    arrays = dict(moving_images=np.round(images[0]).astype(np.int16), fixed_images=np.round(images[1]).astype(np.int16),
-                  moving_labels=labels[0].astype(np.uint8), fixed_labels=labels[1].astype(np.uint8), ddfs=u)
-    return arrays, stats
-
-
-def _write_nifti(path: Path, array: np.ndarray, spacing) -> None:
-    """Write ``array`` [z, y, x, ...] as a gzipped NIfTI stored (x, y, z, ...), byte-deterministic."""
-    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
-    image = nib.Nifti1Image(np.ascontiguousarray(np.swapaxes(array, 0, 2)), affine)
-    image.header.set_xyzt_units("mm")
-    path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple]:
-    """A NIfTI file's array, stored (x, y, z, ...), as [z, y, x, ...], and its voxel size (z, y, x) mm."""
-    image = nib.load(path)
-    return np.swapaxes(np.asanyarray(image.dataobj), 0, 2), tuple(float(z) for z in image.header.get_zooms()[2::-1])
-
-
-def load_paired(root=None, split: str = "test") -> list[LungPair]:
-    """Read the pairs of ``root/split`` in DeepReg's paired layout (default root: ``data_dir() / "lung_ct"``).
-
-    Returns LungPairs sorted by file name: ``moving``/``fixed`` Volumes with image float32
-    [D, H, W] (z, y, x) (HU for ``build``'s pairs; DeepReg's Learn2Reg download is rescaled to
-    [0, 255]), labels uint8 [D, H, W, L] or None, spacing (z, y, x) mm from the fixed label file
-    (DeepReg's rescaled images lost theirs) or else the fixed image; ``ddf`` float32 [D, H, W, 3]
-    or None. Files are read as stored (x, y, z), as DeepReg does, ignoring their orientation.
-    """
-    folder = (Path(root) if root is not None else data_dir() / "lung_ct") / split
-    names = sorted(p.name for p in (folder / "fixed_images").glob("*.nii*"))
-    if not names:
-        raise DataError(f"no pairs in {folder}: build them with `teachreg data build-lung` "
-                        "(teachreg.data.lung.build) or give the folder of a DeepReg paired dataset")
-    pairs = []
-    for name in names:
-        def read(kind: str):
-            path = folder / kind / name
-            return _read_nifti(path) if path.exists() else (None, None)
-
-        spacing = read("fixed_labels")[1] or read("fixed_images")[1]
-        volumes = []
-        for role in ("moving", "fixed"):
-            image = read(f"{role}_images")[0]
-            if image is None:
-                raise DataError(f"{folder}: {role}_images/{name} is missing")
-            labels = read(f"{role}_labels")[0]
-            if labels is not None:
-                labels = (labels.reshape(*labels.shape[:3], -1) > 0).astype(np.uint8)
-            volumes.append(Volume(image.astype(np.float32), spacing, labels, ("lung",) if labels is not None else (),
-                                  f"{folder.name}/{role}/{name}"))
-        ddf = read("ddfs")[0]
-        pairs.append(LungPair(volumes[0], volumes[1], None if ddf is None else ddf.astype(np.float32),
-                              name.split(".")[0]))
-    return pairs
-
-
-def _read_user_volume(path: Path) -> Volume:
-    """A CT or mask from a NIfTI or NRRD file or a DICOM folder, as (z, y, x) with spacing in mm.
-
-    Raises DataError naming ``path`` if it cannot be read or holds NaN or infinite values."""
-    try:
-        if path.is_dir():
-            array, spacing = _dicom_zyx(sorted(p for p in path.iterdir() if p.is_file()))
-        elif path.suffix == ".nrrd":
-            array, spacing = _nrrd_zyx(path)
-        else:
-            array, spacing = _lps_zyx(*_nifti(path))
-    except DataError:  # already names the file or folder (a DICOM folder with several series)
-        raise
-    except Exception as err:  # nibabel, pynrrd and pydicom each have their own errors
-        raise DataError(f"{path}: not a readable NIfTI or NRRD file or DICOM folder ({err})") from err
-    array = np.asarray(array, np.float32)
-    bad = int(np.count_nonzero(~np.isfinite(array)))
-    if bad:
-        raise DataError(f"{path}: {bad} voxel{' is' if bad == 1 else 's are'} not finite (NaN or infinite); "
-                        "give a file with a value in every voxel")
-    return Volume(array, spacing, None, (), path.name)
+    volumes = [Volume(np.round(image).astype(np.int16).astype(np.float32), tuple(float(s) for s in spacing),
+                      lung.astype(np.uint8)[..., None], ("lung",), f"{name}/{role}")
+               for image, lung, role in zip(images, labels, ("moving", "fixed"))]
+    return Pair(*volumes, ddf=u, name=name), stats
 
 
 def _digest(paths) -> str:
@@ -504,18 +391,18 @@ def _digest(paths) -> str:
     return digest.hexdigest()
 
 
-def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: int = 0, ct=None,
+def build(out=None, splits=("train", "test"), grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING, seed: int = 0, ct=None,
           masks=None, ct_state: str = "inspiration", force: bool = False, progress: bool = True) -> Path:
     """Build the paired lung CT dataset (see the module docstring) and return its root folder.
 
-    out: the root (default ``data_dir() / "lung_ct"``, or ``"lung_ct_custom"`` with ``ct``).
+    out: the root (default `data_dir() / "lung_ct"`, or `"lung_ct_custom"` with `ct`).
     splits: any of "train", "test"; each is built on its own, into a temporary folder that replaces
-    ``out / split`` once the split is complete, and skipped when ``build.json`` says it was built
-    with the same parameters (unless ``force``). Other splits are left as they are. A split folder
-    is replaced only if ``build`` made it (it holds ``MARKER``) or it is empty.
+    `out / split` once the split is complete, and skipped when `build.json` says it was built
+    with the same parameters (unless `force`). Other splits are left as they are. A split folder
+    is replaced only if `build` made it (it holds `MARKER`) or it is empty.
     grid: (D, H, W) voxels; spacing: (z, y, x) mm; seed: the grid shifts.
     ct, masks, ct_state: a user's own chest CT (NIfTI or NRRD file, or DICOM folder) at breathing
-    ``ct_state``, and the paths of one patient's (expiration, inspiration) lung masks on one grid:
+    `ct_state`, and the paths of one patient's (expiration, inspiration) lung masks on one grid:
     the pair made from them is the split "test".
     Raises DataError if a split folder was not made here, or if an input is not usable (naming it).
     """
@@ -555,7 +442,7 @@ def build(out=None, splits=("train", "test"), grid=GRID, spacing=SPACING, seed: 
 
 
 def _read_record(path: Path) -> dict:
-    """``build.json``: {"parameters": those of the last build, "splits": {split: {"parameters", "motions",
+    """`build.json`: {"parameters": those of the last build, "splits": {split: {"parameters", "motions",
     "pairs"}}}, or an empty record. Splits recorded before they held their own parameters get the record's."""
     record = json.loads(path.read_text()) if path.exists() else {}
     splits = record.get("splits", {})
@@ -565,8 +452,8 @@ def _read_record(path: Path) -> dict:
 
 
 def _check_replaceable(folder: Path, recorded: bool) -> None:
-    """Raise DataError unless ``build`` may replace split ``folder``: absent, empty, holding ``MARKER``, or
-    listed in build.json (``recorded``: a split built before markers)."""
+    """Raise DataError unless `build` may replace split `folder`: absent, empty, holding `MARKER`, or
+    listed in build.json (`recorded`: a split built before markers)."""
     if not folder.exists():
         return
     if folder.is_dir() and (recorded or (folder / MARKER).is_file() or not any(folder.iterdir())):
@@ -576,11 +463,11 @@ def _check_replaceable(folder: Path, recorded: bool) -> None:
 
 
 def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct_state, progress) -> dict:
-    """Build one split into a temporary folder that then replaces ``root / split``; return its statistics.
+    """Build one split into a temporary folder that then replaces `root / split`; return its statistics.
 
-    Raises DataError naming the CT (its path, for ``ct``) if its lungs fail ``check_lungs``."""
+    Raises DataError naming the CT (its path, for `ct`) if its lungs fail `check_lungs`."""
     if ct is not None:
-        cts = [(Path(ct).name, lambda: _read_user_volume(Path(ct)), ct_state, str(ct))]
+        cts = [(Path(ct).name, lambda: read_volume(Path(ct)), ct_state, str(ct))]
         motions = [("user_masks", lambda: Pair(*(_read_mask(Path(m)) for m in masks)))]
     else:
         cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
@@ -602,19 +489,16 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
     try:
         tmp = work / split
         tmp.mkdir()  # with the umask's permissions, as the folders in it (mkdtemp's are 0700)
-        for kind in ("moving_images", "fixed_images", "moving_labels", "fixed_labels", "ddfs"):
-            (tmp / kind).mkdir()
         pairs = {}
         for i, (source, motion) in enumerate((s, m) for s in sources for m in estimated if m.source == s.state):
             case = f"case_{i + 1:03d}"
             key = [seed, *(hashlib.sha256(f"{split}/{source.name}/{motion.name}".encode()).digest()[:4])]
             shift = np.random.default_rng(key).uniform(-1, 1, 3)
-            arrays, stats = make_pair(source, motion, f"{split}/{case}", grid, spacing, shift)
-            for kind, array in arrays.items():
-                _write_nifti(tmp / kind / f"{case}.nii.gz", array, spacing)
+            pair, stats = make_pair(source, motion, f"{split}/{case}", grid, spacing, shift)
+            write_pair(pair, tmp, case)
             pairs[case] = stats
             bar.update()
-        (tmp / MARKER).write_text("made by teachreg.data.lung.build, which may replace it; see ../build.json\n")
+        (tmp / MARKER).write_text("made by teachreg.lung.build, which may replace it; see ../build.json\n")
         if (root / split).exists():
             os.replace(root / split, work / "old")
         os.replace(tmp, root / split)
@@ -625,9 +509,9 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
 
 
 def _read_mask(path: Path) -> Volume:
-    """A lung mask Volume (labels [..., 1], 1 where the file is > 0) read from ``path``; DataError
+    """A lung mask Volume (labels [..., 1], 1 where the file is > 0) read from `path`; DataError
     naming the file if it is empty."""
-    volume = _read_user_volume(path)
+    volume = read_volume(path)
     volume.labels = (volume.image > 0)[..., None].astype(np.uint8)
     if not volume.labels.any():
         raise DataError(f"{path}: the lung mask is empty (no voxel > 0); give a mask with the lungs set to 1")
