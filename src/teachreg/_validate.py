@@ -1,4 +1,4 @@
-"""Input checks shared by the public functions: clear `ValueError`s instead of TensorFlow errors."""
+"""Input checks shared by the public functions: clear `ValueError` messages instead of TensorFlow errors."""
 
 from __future__ import annotations
 

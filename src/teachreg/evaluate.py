@@ -1,6 +1,6 @@
 """Accuracy and speed of a registration network, beside the classical optimiser of `teachreg.register`.
 
-Pairs are `teachreg.data.Pair`s: moving and fixed Volumes (images `[D, H, W]` in HU, the lungs as
+Pairs are `teachreg.data.Pair` objects: moving and fixed Volumes (images `[D, H, W]` in HU, the lungs as
 their first label, spacing in mm per voxel along D, H, W from the fixed one), optionally the true
 `ddf` `[D, H, W, 3]` (voxels on the fixed grid, pulling), and a name.
 """
@@ -14,6 +14,8 @@ import numpy as np
 from teachreg import metrics, presets, register, spatial
 from teachreg.data import Pair
 from teachreg.network import RegistrationNetwork
+
+__all__ = ["evaluate", "accuracy"]
 
 
 def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,

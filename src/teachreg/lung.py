@@ -76,6 +76,13 @@ from teachreg.data import DataError, Pair, Volume, data_dir, load, write_pair
 from teachreg.data.loaders import read_volume
 from teachreg.files import write_atomic
 
+__all__ = [
+    "JITTER_MM", "CUT_FRACTION", "HU_AIR", "LUNG_LITRES", "LUNG_HU", "MARKER", "VERSION",
+    "REGISTRATION", "REGULARISER_WEIGHTS", "CTS", "MOTIONS", "Source", "Motion",
+    "segment_lungs", "prepare_ct", "check_lungs", "estimate_motion", "breathing_motions",
+    "make_pair", "build",
+]
+
 JITTER_MM = 7.0
 CUT_FRACTION = 0.01
 HU_AIR = -1000.0

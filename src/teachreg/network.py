@@ -30,6 +30,11 @@ import tensorflow as tf
 
 from teachreg import files
 
+__all__ = [
+    "WINDOW", "PRETRAINED", "ChecksumMismatchError", "normalise", "upsample2",
+    "RegistrationNetwork", "save", "load", "load_pretrained", "weights_folder",
+]
+
 WINDOW = (-1000.0, 500.0)
 """The CT window (HU) that `normalise` maps to [0, 1]: air to dense soft tissue, clipped."""
 

@@ -24,6 +24,14 @@ import tensorflow as tf
 from teachreg import _validate
 from teachreg.filters import gaussian_kernel1d, separable_filter
 
+__all__ = [
+    "reference_grid", "reference_grid_like", "warp_grid", "affine_to_ddf", "invert_affine",
+    "affine_from_parameters", "random_affine", "affine_mm_to_voxels", "affine_voxels_to_mm",
+    "resample", "inside", "warp", "compose_ddf", "invert_ddf", "svf_to_ddf", "spatial_gradient",
+    "jacobian_determinant", "bspline_basis", "bspline_control_shape", "bspline_to_ddf",
+    "fit_bspline", "smooth", "resize", "downsample", "resize_ddf",
+]
+
 Shape3 = Sequence[int]
 
 
@@ -40,11 +48,6 @@ def reference_grid_like(image: tf.Tensor) -> tf.Tensor:
 def _grid(shape) -> tf.Tensor:
     axes = [tf.range(shape[i], dtype=tf.float32) for i in range(3)]
     return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
-
-
-def identity_affine(batch_size: int = 1) -> tf.Tensor:
-    """The identity transform, `[batch_size, 4, 3]`."""
-    return tf.tile(tf.eye(4, 3)[None], [batch_size, 1, 1])
 
 
 def warp_grid(grid, affine) -> tf.Tensor:

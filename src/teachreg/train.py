@@ -3,7 +3,7 @@
 The data are image pairs in DeepReg's paired layout, as `teachreg.lung` builds them:
 `ROOT/SPLIT/{moving,fixed}_images/NAME.nii.gz`, `ROOT/SPLIT/{moving,fixed}_labels/NAME.nii.gz`
 and `ROOT/SPLIT/ddfs/NAME.nii.gz`, the ground-truth DDF in voxels on the fixed grid (`fixed(x) =
-moving(x + ddf(x))`); `teachreg.data.load_paired` reads them as `Pair`s in (z, y, x) order.
+moving(x + ddf(x))`); `teachreg.data.load_paired` reads them as `Pair` objects in (z, y, x) order.
 
 One epoch visits every training pair once, in an order drawn from (seed, epoch); each pair is
 augmented by random affines (`spatial.random_affine`), by default two independent ones (as
@@ -40,6 +40,11 @@ from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
 from teachreg import data, device, files, losses, network, objective, spatial
+
+__all__ = [
+    "DEFAULTS", "MODES", "CHOICES", "RESUMABLE", "load_config", "augment", "make_dataset",
+    "train",
+]
 
 DEFAULTS = {
     "name": "model",  # the saved model is OUTPUT/NAME.weights.h5 + OUTPUT/NAME.json

@@ -24,7 +24,16 @@ from .fetch import (
     remove_leftovers,
     verify,
 )
-from .loaders import Pair, Volume, load
+from .loaders import (
+    Pair,
+    Volume,
+    load,
+    lps_to_zyx,
+    read_dicom_series,
+    read_nifti,
+    read_nrrd,
+    read_volume,
+)
 from .paired import load_paired, write_pair
 
 __all__ = [
@@ -44,8 +53,13 @@ __all__ = [
     "is_cached",
     "load",
     "load_paired",
+    "lps_to_zyx",
     "manifest",
     "manifest_markdown",
+    "read_dicom_series",
+    "read_nifti",
+    "read_nrrd",
+    "read_volume",
     "remove_leftovers",
     "verify",
     "write_pair",

@@ -32,6 +32,13 @@ import yaml
 
 from teachreg import files
 
+__all__ = [
+    "DATA_DIR_ENV", "MIRROR_ENV", "TIMEOUT_S", "DataError", "UnknownDatasetError",
+    "DownloadError", "ChecksumError", "CacheError", "FileEntry", "Dataset", "manifest",
+    "dataset", "data_dir", "fetch_file", "fetch", "is_cached", "verify", "remove_leftovers",
+    "manifest_markdown",
+]
+
 DATA_DIR_ENV = "TEACHREG_DATA_DIR"
 MIRROR_ENV = "TEACHREG_DATA_MIRROR"
 TIMEOUT_S = 60

@@ -24,6 +24,11 @@ import scipy.io
 
 from .fetch import DataError, dataset, fetch
 
+__all__ = [
+    "HNCT_SPACING", "PROSTATE_SPACING", "L2R_SPACING", "Volume", "Pair", "lps_to_zyx",
+    "read_nifti", "read_nrrd", "read_dicom_series", "read_volume", "load",
+]
+
 # RAS (NIfTI world) <-> LPS (DICOM/NRRD world): flip the first two world axes.
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

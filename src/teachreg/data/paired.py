@@ -26,6 +26,8 @@ import numpy as np
 from .fetch import DataError, data_dir
 from .loaders import Pair, Volume
 
+__all__ = ["write_pair", "load_paired"]
+
 
 def _write_nifti(path: Path, array: np.ndarray, spacing) -> None:
     """Write `array` `[z, y, x, ...]` as a gzipped NIfTI stored (x, y, z, ...), byte-deterministic."""
