@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 # Tests and CI read data from the offline mirror beside the repository when there is one.
 export TEACHREG_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: help course test lint bench generalisation clean execute book data lab
+.PHONY: help course test widgets7 lint bench generalisation clean execute book data lab
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 24
+	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9]+):.*## /  make \1\t/' | expand -t 24
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)  ## the whole test suite (pytest exit 5, "no tests collected", co
 	@$(PY) -m pytest; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; fi; exit $$code
 
+# Colab ships ipywidgets 7.7.1; the extras install 8. The widget tests run with both.
+WIDGETS7 := .venv-widgets7
+widgets7: $(STAMP)  ## the widget tests again with Colab's ipywidgets 7.7.1 (CI runs it)
+	@[ -f $(WIDGETS7)/.installed ] || { $(PY) -m pip install --quiet --no-deps --target $(WIDGETS7) \
+	  ipywidgets==7.7.1 ipython_genutils==0.2.0 && touch $(WIDGETS7)/.installed; }
+	PYTHONPATH=$(WIDGETS7) TEACHREG_EXPECT_IPYWIDGETS=7.7.1 $(PY) -m pytest -q -p no:cacheprovider tests/test_widgets.py
+
 lint: $(STAMP)  ## ruff: the package, tests, benchmarks and book tools (CI runs it)
 	$(VENV)/bin/ruff check src tests benchmarks book/tools book/_ext
 
@@ -34,7 +41,7 @@ generalisation: $(STAMP)  ## the lung network on CTs and motions crossed between
 	$(PY) benchmarks/generalisation.py
 
 clean:
-	rm -rf $(VENV) book/_build .pytest_cache
+	rm -rf $(VENV) $(WIDGETS7) book/_build .pytest_cache
 
 # --- the book -----------------------------------------------------------------------------------
 CHAPTERS := $(sort $(wildcard book/ch*.ipynb))

@@ -6,8 +6,8 @@ The first code cell of a chapter installs `teachreg` when it runs on Colab, then
     from teachreg import colab
     colab.setup()
 
-On Colab it turns on Colab's widget manager for ipywidgets 8 (the sliders of the interactive
-figures); everywhere it prints two short lines: the versions, and the GPU TensorFlow will use, or
+On Colab with ipywidgets 8 it turns on Colab's widget manager (the sliders of the interactive
+figures; Colab's own ipywidgets 7.7 needs none); everywhere it prints two short lines: the versions, and the GPU TensorFlow will use, or
 that it runs on the CPU (every chapter is sized to run on a laptop CPU in a few minutes).
 """
 
@@ -45,11 +45,14 @@ def summary() -> str:
 
 
 def enable_colab_widgets() -> bool:
-    """On Colab, turn on the widget manager that renders ipywidgets 8; elsewhere do nothing.
+    """On Colab with ipywidgets 8, turn on Colab's custom widget manager, which renders them.
 
-    Returns whether it was turned on.
+    Colab ships ipywidgets 7.7.1, which it renders natively: then, and outside Colab, nothing is
+    done. Returns whether the manager was turned on.
     """
-    if not on_colab():
+    import ipywidgets
+
+    if not on_colab() or int(ipywidgets.__version__.split(".")[0]) < 8:
         return False
     try:
         from google.colab import output

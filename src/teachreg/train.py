@@ -13,7 +13,8 @@ the motion. The ground-truth DDF is transformed to match exactly (see `augment`)
 augmentation is valid in every mode, supervised included. Optionally (see `make_dataset`) a
 pair's field of view is cut along D, as in scans that miss part of the lungs, and its
 intensities change by one random linear map, as between scanners. After each epoch the
-run writes a checkpoint (model, optimiser, epoch), TensorBoard scalars and a row of
+run writes a checkpoint (model, optimiser, epoch), TensorBoard scalars (`tensorboard --logdir
+RUN/logs` shows them; `pip install "teachreg[train]"` installs TensorBoard) and a row of
 `history.csv`; started again with the same output folder and config (`epochs` may grow) it
 resumes from the latest checkpoint and gives the same result as an uninterrupted run. Mixed
 precision is used on a GPU, and a `tf.distribute.MirroredStrategy` when there are several
