@@ -106,7 +106,8 @@ def affine(
     The loss counts only the fixed voxels whose sample lies inside the moving image: outside it
     there is nothing to compare, and the repeated border would pull the fit.
     `levels` pyramid levels (each halving the grid), coarse to fine, with `steps` Adam steps each
-    (the learning rate decays to 1 % of `learning_rate` within each level); the coarse levels
+    (one cosine decay of the learning rate, from `learning_rate` to 1 % of it, across all the
+    levels: a finer level goes on from where the coarser one stopped); the coarse levels
     are smoothed by the downsampling, and `smoothing` adds a Gaussian of that sigma (voxels) at
     every level, 0 by default because smoothing the finest level biases the fit. Returns a `Result` with `.affine` and `.ddf`.
     """
