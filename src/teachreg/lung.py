@@ -51,9 +51,12 @@ Layout under `root`: each split in DeepReg's paired layout (`teachreg.data.paire
 HU, lung masks, the DDF `u`; written by `write_pair`, read by `load_paired`; the same
 parameters give byte-identical files), and::
 
-    {train,test}/.teachreg-split   marks a split `build` made (and may replace)
-    build.json   per split its parameters (seed included), per-motion and per-pair statistics
-                 (mask Dice, mm, sources); "parameters": those of the last split built
+    {train,test}/.teachreg-split  marks a split `build` made
+                                  (and may replace)
+    build.json                    per split: its parameters (seed
+                                  included), per-motion and per-pair
+                                  statistics (mask Dice, mm, sources);
+                                  "parameters": the last split's
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Layout of one split folder (`ROOT/SPLIT`), one file per pair and kind, named after the pair::
 
-    {moving,fixed}_images/case_XXX.nii.gz   int16 (HU for `teachreg.lung.build`'s pairs)
-    {moving,fixed}_labels/case_XXX.nii.gz   uint8, 1 = lung (`[.., L]` with several labels)
-    ddfs/case_XXX.nii.gz                    float32 `[.., 3]`, the true DDF (voxels, fixed grid)
+    {moving,fixed}_images/case_XXX.nii.gz  int16 (HU for the lung pairs)
+    {moving,fixed}_labels/case_XXX.nii.gz  uint8, 1 = lung
+                                           ([.., L] with L labels)
+    ddfs/case_XXX.nii.gz                   float32 [.., 3], the true DDF
+                                           (voxels, fixed grid)
 
 Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, with an affine of the spacing (LPS
 axes), and gzipped with no time stamp, so the same pair gives byte-identical files. The real
