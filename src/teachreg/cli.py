@@ -1,4 +1,5 @@
-"""The `teachreg` command line: `teachreg data list|fetch|verify|page|build-lung` and `teachreg train`.
+"""The `teachreg` command line: `teachreg data list|fetch|verify|page|build-lung`, `teachreg train`,
+`teachreg register` and `teachreg warp`.
 
 Each command group adds its subcommands in its own `_add_*` function; a subcommand sets
 `func` (called with the parsed arguments, returns the exit status).
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from teachreg import data, presets
 
@@ -150,12 +154,120 @@ def _add_build_lung(data_commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_data_build_lung)
 
 
+def _register(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from teachreg import scans  # TensorFlow loads only for this command
+
+    with tqdm(unit="step", disable=args.quiet) as bar:
+        def progress(stage: str, done: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.set_description(stage)
+            bar.update(done - bar.n)
+
+        try:
+            report = scans.register_files(args.moving, args.fixed, args.out, method=args.method,
+                                          moving_label=args.moving_label, fixed_label=args.fixed_label,
+                                          affine=not args.no_affine, max_voxels=args.max_voxels, force=args.force,
+                                          progress=progress)
+        except (OSError, ValueError) as err:  # a missing or unreadable file, a bad label, an occupied folder
+            bar.close()
+            print(f"teachreg: error: {err}", file=sys.stderr)
+            return 1
+    dice = f"Dice {report['dice_before']:.3f} -> {report['dice_after']:.3f}; " if "dice_after" in report else ""
+    print(f"{args.method}: {dice}folded voxels {100 * report['folded_fraction']:.3f} %; {report['seconds']:.1f} s; "
+          f"results in {args.out}: {', '.join(report['outputs'])}")
+    return 0
+
+
+def _add_register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "register", help="register two scans (NIfTI, NRRD, MetaImage, DICOM folder): affine, then nonrigid",
+        description="Register MOVING to FIXED and write into DIR the warped image (on FIXED's grid and header), "
+                    "the displacement field ddf.nii.gz (ITK convention: mm, LPS, pulls fixed points to moving "
+                    "ones; SimpleITK, ANTs and 3D Slicer apply it) and report.json.")
+    parser.add_argument("moving", metavar="MOVING", help="image to warp: a file or a DICOM folder")
+    parser.add_argument("fixed", metavar="FIXED", help="image to match: a file or a DICOM folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--method", default="bspline",
+                        help="nonrigid step: bspline (default), ddf or svf (register.nonrigid with chapter 4's "
+                             "settings), or network: the pretrained LUNG CT network, for chest CTs in HU only "
+                             "(teachreg.scans.METHODS)")
+    parser.add_argument("--moving-label", metavar="FILE", help="with --fixed-label: binary masks for Dice (not used "
+                        "to register)")
+    parser.add_argument("--fixed-label", metavar="FILE", help="the fixed image's mask of the same structure")
+    parser.add_argument("--no-affine", action="store_true", help="skip the affine step (as chapter 4)")
+    parser.add_argument("--max-voxels", type=int, default=2**19, metavar="N",
+                        help="register on a grid of at most N voxels (default 2^19 = 524288; the field is then "
+                             "brought back to the fixed grid)")
+    parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_register)
+
+
+def _warp(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.points is None):
+        print("teachreg: error: give IMAGE (an image or, with --label, a label map) or --points CSV, one of them",
+              file=sys.stderr)
+        return 2  # a usage error, as argparse's
+    from teachreg import files, scans  # TensorFlow loads only for this command
+
+    try:
+        if args.image is not None:
+            scans.warp_file(args.field, args.image, args.out, label=args.label, force=args.force)
+        else:
+            if Path(args.out).exists() and not args.force:
+                raise ValueError(f"{args.out} exists; give another file, or --force to replace it.")
+            points = _read_points(args.points)
+            moved = scans.warp_points(args.field, points)
+            files.write_atomic(args.out, "x,y,z\n" + "".join(",".join(f"{v:.4f}" for v in p) + "\n" for p in moved))
+    except (OSError, ValueError) as err:
+        print(f"teachreg: error: {err}", file=sys.stderr)
+        return 1
+    what = f"{len(points)} points" if args.points else ("label map" if args.label else "image")
+    print(f"warped {what} written to {args.out}")
+    return 0
+
+
+def _read_points(path) -> np.ndarray:
+    """Points x, y, z (mm) from a CSV file, one per line; a first line with a letter is a header."""
+    lines = Path(path).read_text().splitlines()
+    lines = lines[1:] if lines and any(c.isalpha() for c in lines[0]) else lines
+    try:
+        points = np.array([[float(v) for v in line.split(",")] for line in lines if line.strip()], ndmin=2)
+    except ValueError:
+        raise ValueError(f"{path}: every line must be three numbers x,y,z (mm), separated by commas.") from None
+    if points.shape[1:] != (3,):
+        raise ValueError(f"{path}: every line must be three numbers x,y,z (mm), got {points.shape[1]} columns.")
+    return points
+
+
+def _add_warp(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "warp", help="apply a saved displacement field to an image, a label map or points",
+        description="Warp IMAGE (any grid) with FIELD onto FIELD's grid, or map --points: a pull field maps a "
+                    "point p of the FIXED image to p + field(p) in the MOVING image, so --points takes fixed-image "
+                    "points to the moving image (the other way needs the inverse field).")
+    parser.add_argument("field", metavar="FIELD", help="displacement field (ddf.nii.gz of teachreg register, or "
+                        "one from ITK, ANTs or 3D Slicer)")
+    parser.add_argument("image", metavar="IMAGE", nargs="?", help="image or label map to warp")
+    parser.add_argument("--out", required=True, metavar="FILE", help="warped image (.nii.gz, .nrrd, .mha) or, "
+                        "with --points, a CSV")
+    parser.add_argument("--label", action="store_true", help="IMAGE is a label map: nearest neighbour, values kept")
+    parser.add_argument("--points", metavar="CSV", help="instead of IMAGE: points x,y,z in mm, physical LPS "
+                        "coordinates of the fixed image (3D Slicer shows RAS: negate x and y)")
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    parser.set_defaults(func=_warp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all command groups."""
     parser = argparse.ArgumentParser(prog="teachreg", description="teachreg course tools")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_build_lung(_add_data(commands))
     _add_train(commands)
+    _add_register(commands)
+    _add_warp(commands)
     return parser
 
 
