@@ -25,11 +25,14 @@ from .fetch import (
     verify,
 )
 from .loaders import (
+    DIRLAB_4DCT_GRIDS,
     Pair,
     Volume,
     load,
     lps_to_zyx,
     read_dicom_series,
+    read_keypoints,
+    read_landmarks,
     read_nifti,
     read_nrrd,
     read_volume,
@@ -37,6 +40,7 @@ from .loaders import (
 from .paired import load_paired, write_pair
 
 __all__ = [
+    "DIRLAB_4DCT_GRIDS",
     "CacheError",
     "ChecksumError",
     "DataError",
@@ -57,6 +61,8 @@ __all__ = [
     "manifest",
     "manifest_markdown",
     "read_dicom_series",
+    "read_keypoints",
+    "read_landmarks",
     "read_nifti",
     "read_nrrd",
     "read_volume",

@@ -11,7 +11,10 @@ slice with z running inferior to superior; their left-right direction is not kno
 
 from __future__ import annotations
 
+import gzip
+import io
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .fetch import DataError, dataset, fetch
 __all__ = [
     "HNCT_SPACING", "PROSTATE_SPACING", "L2R_SPACING", "Volume", "Pair", "lps_to_zyx",
     "read_nifti", "read_nrrd", "read_dicom_series", "read_volume", "load",
+    "DIRLAB_4DCT_GRIDS", "read_keypoints", "read_landmarks",
 ]
 
 # RAS (NIfTI world) <-> LPS (DICOM/NRRD world): flip the first two world axes.
@@ -37,6 +41,18 @@ HNCT_SPACING = (12.0, 4.0, 4.0)
 PROSTATE_SPACING = (1.0, 1.0, 1.0)
 # Learn2Reg case_001 as stored in test_lung_ct.mat (the file says 1 mm): (z, y, x).
 L2R_SPACING = (1.75, 1.25, 1.75)
+# DIR-Lab 4D-CT image grids as published (Castillo et al. 2009): case -> (shape, spacing mm), (z, y, x).
+DIRLAB_4DCT_GRIDS = {
+    1: ((94, 256, 256), (2.5, 0.97, 0.97)),
+    2: ((112, 256, 256), (2.5, 1.16, 1.16)),
+    3: ((104, 256, 256), (2.5, 1.15, 1.15)),
+    4: ((99, 256, 256), (2.5, 1.13, 1.13)),
+    5: ((106, 256, 256), (2.5, 1.10, 1.10)),
+    6: ((128, 512, 512), (2.5, 0.97, 0.97)),
+    7: ((136, 512, 512), (2.5, 0.97, 0.97)),
+    8: ((128, 512, 512), (2.5, 0.97, 0.97)),
+    9: ((128, 512, 512), (2.5, 0.97, 0.97)),
+}
 
 
 @dataclass
@@ -350,6 +366,142 @@ def _itkelastix() -> Volume:
     return _dicom_dataset("chest_ct_itkelastix")
 
 
+def _file_bytes(path: Path, member: str | None) -> bytes:
+    """The bytes of file `path`, or of `member` inside the zip archive `path`."""
+    if member is None:
+        return Path(path).read_bytes()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: cannot read {member!r} from it ({err})") from err
+
+
+def _points_to_zyx(points: np.ndarray, affine_ras: np.ndarray | None, shape) -> np.ndarray:
+    """Voxel points `[N, 3]` (i, j, k) of a stored array to the (z, y, x) indices of `lps_to_zyx`'s array.
+
+    With no affine, (i, j, k) = (x, y, z) is reversed; with one, the points are flipped and
+    permuted exactly as `lps_to_zyx` reorients the array of that voxel-to-RAS affine and `shape`.
+    """
+    if affine_ras is None:
+        return points[:, ::-1].copy()
+    to_lps = nib.orientations.ornt_transform(
+        nib.io_orientation(affine_ras), nib.orientations.axcodes2ornt(("L", "P", "S"))
+    )
+    lps = np.empty_like(points)
+    for axis, (new, flip) in enumerate(to_lps):
+        lps[:, int(new)] = points[:, axis] if flip > 0 else shape[axis] - 1 - points[:, axis]
+    return lps[:, ::-1].copy()
+
+
+def read_keypoints(path: Path, member: str | None = None, *, first: str = "expiration",
+                   affine=None, shape=None) -> tuple[np.ndarray, np.ndarray]:
+    """corrField keypoint correspondences: `(inspiration, expiration)`, float64 `[N, 3]` each.
+
+    Points are voxel coordinates (z, y, x), 0-based, in teachreg's order: row n of both arrays is
+    the same piece of lung at inspiration and at expiration, both on the masks' voxel grid (mm:
+    multiply by the spacing). Sources: a `.csv` file (6 comma-separated columns), or a `.dat` file
+    (float32, 6 per point), on disk or as `member` of the zip archive `path`. Each row holds the
+    voxel (x, y, z) of the point in one state (columns 0-2, integers: where corrField detected
+    it) and in the other (columns 3-5); `first` names the state of columns 0-2.
+
+    Which is which, checked against the lung masks (a point lies inside the lungs of its own
+    state; the expiration lungs are the smaller, so the telling share is that inside the
+    expiration mask): Learn2Reg `keypoints/case_XXX.csv` (the 18 cases with masks) and
+    `l2r_expXXX.dat`, and COPD `case_XX_exp.dat`, hold expiration in columns 0-2 (98-100 % inside
+    the expiration mask, against 66-95 % for columns 3-5, which are 97-100 % inside the
+    inspiration mask): `first="expiration"`. `l2r_inspXXX.dat` and COPD `case_XX_insp.dat` hold
+    inspiration first (columns 0-2 100 % inside the inspiration mask and 56-91 % inside the
+    expiration one, columns 3-5 92-100 %): `first="inspiration"`. The csv and `l2r_exp` files share
+    their detected points but not their matches (separate corrField runs).
+
+    The stored (x, y, z) index the file's NIfTI array as stored. Give that mask's voxel-to-RAS
+    `affine` and stored `shape` to get points on the array `lps_to_zyx` (and `read_volume`) make of
+    it; with none, (x, y, z) is just reversed, which is right for the Learn2Reg masks (stored in
+    LPS order: `load("lung_masks")` only transposes them) but not for the COPD masks (stored RAS).
+    """
+    if first not in ("expiration", "inspiration"):
+        raise ValueError(f"first must be 'expiration' or 'inspiration', got {first!r}")
+    name = member or Path(path).name
+    raw = _file_bytes(path, member)
+    if name.endswith(".csv"):
+        table = np.loadtxt(io.StringIO(raw.decode()), delimiter=",", ndmin=2)
+    else:
+        table = np.frombuffer(raw, np.float32).astype(np.float64)
+        if table.size % 6:
+            raise DataError(f"{path} {member or ''}: {table.size} float32 values, not 6 per point")
+        table = table.reshape(-1, 6)
+    if table.ndim != 2 or table.shape[1] != 6:
+        raise DataError(f"{path} {member or ''}: expected 6 columns, got shape {table.shape}")
+    a, b = (_points_to_zyx(table[:, cols], affine, shape) for cols in (slice(0, 3), slice(3, 6)))
+    return (b, a) if first == "expiration" else (a, b)
+
+
+def read_landmarks(path: Path, *, original: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """DIR-Lab 4D-CT landmark pairs: `(inspiration, expiration)`, float64 `[N, 3]` each.
+
+    Inspiration = end-inhalation (EI), expiration = end-exhalation (EE); row n of both is one
+    landmark. Points are voxel coordinates (z, y, x), 0-based, on the case's DIR-Lab image grid
+    (`DIRLAB_4DCT_GRIDS`: multiply by its spacing for mm). The MATLAB file holds `landmark_EE`
+    and `landmark_EI` (the dense sets), or `landmark_EE`, `landmark_dirlab_EI` (DIR-Lab's expert
+    EI points) and `landmark_new_EI` (refined by Fu et al. 2019), each `[N, 3]` voxels [y, x, z],
+    1-based. Without `landmark_EI`, EI is `landmark_new_EI`, or `landmark_dirlab_EI` with
+    `original=True`: those give the published mean initial error of the 300 expert pairs (3.89 mm
+    for case 1 ... 14.99 mm for case 8, to 0.01 mm); the refined set differs by up to 0.1 mm.
+    """
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as err:  # scipy raises ValueError, OSError or its own MatReadError
+        raise DataError(f"{path}: not a readable MATLAB file ({err})") from err
+    ei_key = next((k for k in ("landmark_EI", "landmark_dirlab_EI" if original else "landmark_new_EI") if k in mat), None)
+    if "landmark_EE" not in mat or ei_key is None:
+        raise DataError(f"{path}: expected variables landmark_EE and landmark_EI (or landmark_new_EI), "
+                        f"found {sorted(k for k in mat if not k.startswith('__'))}")
+    ee, ei = (np.asarray(mat[k], np.float64) for k in ("landmark_EE", ei_key))
+    if ee.shape != ei.shape or ee.ndim != 2 or ee.shape[1] != 3:
+        raise DataError(f"{path}: landmark_EE {ee.shape} and {ei_key} {ei.shape} must both be [N, 3]")
+    return ei[:, [2, 0, 1]] - 1, ee[:, [2, 0, 1]] - 1
+
+
+def _l2r_keypoints(case: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Learn2Reg lung keypoints of `case` (1-20) from `keypoints/case_XXX.csv`: `(inspiration,
+    expiration)` `[N, 3]` voxels (z, y, x) on the grid of `load("lung_masks", case=case)`."""
+    if case not in range(1, 21):
+        raise DataError(f"no lung_keypoints_l2r case {case!r}; cases are 1-20")
+    path = fetch("lung_keypoints_l2r")["lung_motion/l2r_lung_keypoints.zip"]
+    return read_keypoints(path, f"l2r_lung_ct/keypoints/case_{case:03d}.csv")
+
+
+def _zip_nifti(path: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
+    """A gzipped NIfTI file inside a zip archive: its stored array and voxel-to-RAS affine."""
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(_file_bytes(path, member)))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def _copd(case: int = 1) -> tuple[Pair, np.ndarray, np.ndarray]:
+    """DIR-Lab COPD `case` (1-10): (Pair of lung masks, inspiration, expiration keypoints).
+
+    Masks as `lung_masks`: moving = expiration, fixed = inspiration, image = the mask as float32
+    `[208, 192, 192]`, labels `[..., 1]` = (lung,), spacing (1.75, 1.25, 1.75) mm from the headers.
+    Keypoints `[N, 3]` voxels (z, y, x) on that grid, from `case_XX_insp.dat` (the one file every
+    case has: case 1 has no `_exp.dat`).
+    """
+    if case not in range(1, 11):
+        raise DataError(f"no lung_motion_copd case {case!r}; cases are 1-10")
+    paths = fetch("lung_motion_copd")
+    volumes = {}
+    for state in ("insp", "exp"):
+        name = f"case_{case:02d}_{state}_mask.nii.gz"
+        mask, affine = _zip_nifti(paths["lung_motion/copd_masks.zip"], name)
+        zyx, spacing = lps_to_zyx(mask, affine)
+        volumes[state] = Volume(zyx.astype(np.float32), spacing, _masks(zyx), ("lung",), f"lung_motion_copd/{name}")
+    inspiration, expiration = read_keypoints(
+        paths["lung_motion/copd_keypoints.zip"], f"COPDgene/keypoints/case_{case:02d}_insp.dat",
+        first="inspiration", affine=affine, shape=mask.shape,
+    )
+    return Pair(moving=volumes["exp"], fixed=volumes["insp"], name=f"copd_{case:02d}"), inspiration, expiration
+
+
 _LOADERS = {
     "hnct": _hnct,
     "prostate_mr": _prostate_mr,
@@ -359,10 +511,12 @@ _LOADERS = {
     "chest_ct_cip": _cip,
     "chest_ct_cptac": _cptac,
     "chest_ct_itkelastix": _itkelastix,
+    "lung_keypoints_l2r": _l2r_keypoints,
+    "lung_motion_copd": _copd,
 }
 
 
-def load(name: str, **kwargs) -> Volume | Pair | list[Volume]:
+def load(name: str, **kwargs) -> Volume | Pair | list[Volume] | tuple:
     """Fetch dataset `name` if needed and read it; arrays are (z, y, x), spacing in mm.
 
     - `"hnct"` -> Volume, CT in HU, labels (spinal_cord, brainstem); spacing assumed.
@@ -373,6 +527,10 @@ def load(name: str, **kwargs) -> Volume | Pair | list[Volume]:
     - `"chest_ct_l2r_case001"` -> Volume, approximate HU, labels (lung,).
     - `"chest_ct_dynagan_0103"`, `"chest_ct_cptac"`, `"chest_ct_itkelastix"` -> Volume, HU.
     - `"chest_ct_cip"` -> [ct-64 with labels (lung, right_lung, left_lung), TestInput].
+    - `"lung_keypoints_l2r"`, `case=1` -> (inspiration, expiration) keypoints `[N, 3]`, voxels
+      (z, y, x) on the `lung_masks` grid (`read_keypoints`).
+    - `"lung_motion_copd"`, `case=1` -> (Pair of mask Volumes, moving = expiration, fixed =
+      inspiration; inspiration keypoints; expiration keypoints).
 
     See each loader's docstring (`teachreg.data.loaders`) for shapes and assumptions.
     """
