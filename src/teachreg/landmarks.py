@@ -8,7 +8,9 @@ the kernel `-r` being the biharmonic (bending-energy) Green's function in 3-D up
 factor, with an affine part `a_0 + A x`. The weights solve::
 
     [K + smoothness * I   P] [w]   [q - p]
-    [P^T                  0] [a] = [  0  ],    K_ij = U(|p_i - p_j|),  P = [1, p],
+    [P^T                  0] [a] = [  0  ],
+
+    K_ij = U(|p_i - p_j|),    P = [1, p],
 
 so `smoothness = 0` interpolates (`p_i + u(p_i) = q_i` exactly) and `smoothness > 0` gives the
 approximating spline that trades closeness to the points (in mm) against bending energy; a very
