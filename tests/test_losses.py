@@ -80,12 +80,14 @@ def test_ncc_of_a_constant_image_is_zero_with_a_finite_gradient():
 
 
 def lncc_reference(f, w, taps):
-    """LNCC in float64 from its definition: window sums with centre weight 1, windows cut at the border."""
-    k = taps.astype(np.float64) / taps.max()
+    """LNCC in float64 from its definition: weighted window means, windows cut at the border and
+    renormalised, the stabiliser EPS**2 times the variances of the whole images."""
+    k = taps.astype(np.float64)
     r = len(k) // 2
     values = []
     for b in range(f.shape[0]):
         fb, wb = f[b].astype(np.float64), w[b].astype(np.float64)
+        floor = losses.EPS**2 * np.var(fb) * np.var(wb)
         for i, j, m in np.ndindex(fb.shape):
             lo = [max(0, c - r) for c in (i, j, m)]
             hi = [min(n, c + r + 1) for c, n in zip((i, j, m), fb.shape)]
@@ -93,12 +95,12 @@ def lncc_reference(f, w, taps):
             weights = np.einsum(
                 "a,b,c->abc", *(k[a - c + r : z - c + r] for a, z, c in zip(lo, hi, (i, j, m)))
             )
+            weights /= weights.sum()
             fw, ww = fb[window], wb[window]
-            s1, sf, sw = weights.sum(), np.sum(weights * fw), np.sum(weights * ww)
-            cross = np.sum(weights * fw * ww) - sf * sw / s1
-            var_f = np.sum(weights * fw * fw) - sf * sf / s1
-            var_w = np.sum(weights * ww * ww) - sw * sw / s1
-            values.append(cross * cross / (var_f * var_w + losses.EPS))
+            fw, ww = fw - np.sum(weights * fw), ww - np.sum(weights * ww)  # two-pass: no cancellation
+            cross, var_f, var_w = np.sum(weights * fw * ww), np.sum(weights * fw * fw), np.sum(weights * ww * ww)
+            denominator = var_f * var_w + floor
+            values.append(cross * cross / denominator if denominator > 0 else 0.0)
     return np.mean(values)
 
 
@@ -107,9 +109,12 @@ def lncc_reference(f, w, taps):
     [("box", 3, box_kernel1d(3)), ("box", 5, box_kernel1d(5)), ("gaussian", 6, gaussian_kernel1d(1.0))],
 )
 def test_lncc_matches_a_voxel_by_voxel_reference_including_the_borders(kernel, size, taps):
-    # Low-contrast images, so the stabiliser matters and its scaling is checked too.
+    # Low-contrast images with a faint corner (local variance near EPS times the image's), so the
+    # stabiliser matters and its scaling relative to the data is checked too.
     f = 0.05 * image()
+    f[:, :3, :3] = 0.02 + 5e-6 * image()[:, :3, :3]
     w = 0.5 * f + 0.02 * image(seed=1)
+    w[:, :3, :3] = 0.01 + 5e-6 * image(seed=1)[:, :3, :3]
     expected = lncc_reference(f, w, taps)
     assert value(losses.lncc(f, w, kernel_size=size, kernel=kernel)) == pytest.approx(expected, rel=1e-4)
 
@@ -157,6 +162,172 @@ def test_mutual_information_matches_deepreg_and_prefers_the_aligned_image():
     # Invariant to a monotone affine intensity change, through the min-max normalisation.
     assert value(losses.mutual_information(x, 4.0 * x - 2.0)) == pytest.approx(aligned, rel=1e-4)
     assert value(losses.mutual_information_loss(x, x)) == pytest.approx(-aligned)
+
+
+# --- raw scanner intensities ------------------------------------------------------------------
+
+
+def raw_pair(kind, shape=(10, 11, 12), seed=0):
+    """A fixed image and a noisy, rescaled copy `[1, D, H, W]` on a scanner's raw range, each with a
+    flat background: "ct" has air at -1000 HU around a body of -100..500 HU; "mr" a zero background
+    around tissue of 0..1000 and a faint noise floor of a few units along one side."""
+    rng = np.random.default_rng(seed)
+    body = np.zeros((1, *shape), bool)
+    body[:, 2:-2, 3:-2, 4:] = True
+    noise = rng.standard_normal(body.shape)
+    if kind == "ct":
+        f = np.where(body, -100 + 600 * rng.random(body.shape), -1000.0)
+        w = np.where(body, f + 40 * noise, -1000.0)
+    else:
+        f = np.where(body, 1000 * rng.random(body.shape), 0.0)
+        f[:, :, :2, :3] = 3 * rng.random(f[:, :, :2, :3].shape)
+        w = np.where(body, 0.8 * f + 50 + 30 * noise, 0.0)
+        w[:, :, :2, :3] = 2 * rng.random(w[:, :, :2, :3].shape)
+    return f.astype(np.float32), w.astype(np.float32)
+
+
+def issue_reproducer():
+    """The images of the LNCC defect report: MR-like (zero background) and CT-like (air) fixed images."""
+    rng = np.random.default_rng(0)
+    f = np.zeros((1, 16, 16, 16), np.float32)
+    f[..., 8:] = 500 + 500 * rng.random((1, 16, 16, 8))
+    w = f + 50 * rng.standard_normal(f.shape).astype(np.float32) * (f > 0)
+    ct = np.full_like(f, -1000.0)
+    ct[..., 8:] = 500.0
+    return f, ct, w
+
+
+def ncc_reference(f, w):
+    """Global NCC in float64: the correlation coefficient per sample, averaged over the batch."""
+    return np.mean([np.corrcoef(np.ravel(a), np.ravel(b))[0, 1] for a, b in zip(np.float64(f), np.float64(w))])
+
+
+def reference_directional_check(fn, reference, x, rng, h, rtol=1e-3, mask=None):
+    """The GradientTape gradient of `fn` (float32) at `x` along one direction, against central
+    differences of `reference`, the same function in float64 (so `h` can be small against the data)."""
+    x32 = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x32)
+        y = fn(x32)
+    grad = tape.gradient(y, x32).numpy().astype(np.float64)
+    assert np.all(np.isfinite(grad))
+    noise = rng.standard_normal(x.shape)
+    v = grad / np.linalg.norm(grad) + noise / np.linalg.norm(noise)
+    v = v if mask is None else v * mask
+    numeric = (reference(x + h * v) - reference(x - h * v)) / (2 * h)
+    np.testing.assert_allclose(np.sum(grad * v), numeric, rtol=rtol)
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+@pytest.mark.parametrize("kernel,size,taps", [("box", 5, box_kernel1d(5)), ("gaussian", 6, gaussian_kernel1d(1.0))])
+def test_lncc_on_raw_intensities_matches_the_float64_reference(kind, kernel, size, taps):
+    f, w = raw_pair(kind)
+    score = value(losses.lncc(f, w, kernel_size=size, kernel=kernel))
+    assert score == pytest.approx(lncc_reference(f, w, taps), rel=1e-4)
+    assert 0.2 < score < 1.0
+    # Each image rescaled to [0, 1] by its own range: the same value, the stabiliser scales with the data.
+    unit = [(x - x.min()) / (x.max() - x.min()) for x in (f, w)]
+    assert value(losses.lncc(*unit, kernel_size=size, kernel=kernel)) == pytest.approx(score, rel=1e-4)
+
+
+@pytest.mark.parametrize("kernel,taps", [("box", box_kernel1d(9)), ("gaussian", gaussian_kernel1d(1.5))])
+def test_lncc_of_the_issue_reproducer_matches_the_float64_reference(kernel, taps):
+    f, ct, w = issue_reproducer()
+    for fixed in (f, ct):  # float32 window sums gave 3929657.5 and 17230818.0 for the box
+        score = value(losses.lncc(fixed, w, kernel=kernel))
+        assert 0.0 <= score <= 1.0
+        assert score == pytest.approx(lncc_reference(fixed, w, taps), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_lncc_stays_in_zero_one_on_raw_intensities(kind):
+    f, w = raw_pair(kind)
+    flat = np.full_like(f, f.min())
+    for kernel in ("box", "gaussian"):
+        same = value(losses.lncc(f, f, kernel_size=5, kernel=kernel))
+        assert 0.0 < same <= 1.0
+        for other in (3.0 * f - 200.0, -f, 0.001 * f + 0.5):  # LNCC squares the correlation: -f scores as f
+            assert value(losses.lncc(f, other, kernel_size=5, kernel=kernel)) == pytest.approx(same, rel=1e-5)
+        for a, b in ((f, w), (w, f), (f, flat), (flat, flat)):
+            assert 0.0 <= value(losses.lncc(a, b, kernel_size=5, kernel=kernel)) <= 1.0
+    # A constant image (air) scores 0 with a zero gradient, not 0 / 0.
+    x = tf.constant(flat)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        score = losses.lncc(f, x)
+    assert value(score) == 0.0
+    assert np.all(tape.gradient(score, x).numpy() == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["unit", "ct", "mr"])
+def test_ncc_of_an_affine_intensity_map_is_one_across_scales(kind):
+    x = image() if kind == "unit" else raw_pair(kind)[0]
+    for a in (1e-3, 1.0, 1e3):
+        for b in (0.0, 0.5, -1000.0):
+            if a * np.std(x) < 1e3 * abs(np.spacing(np.float32(b))):
+                continue  # a * x + b itself would keep too few distinct float32 values
+            assert value(losses.ncc(x, a * x + b)) == pytest.approx(1.0, abs=1e-5), (a, b)
+            assert value(losses.ncc(x, -a * x + b)) == pytest.approx(-1.0, abs=1e-5), (a, b)
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_ncc_on_raw_intensities_matches_the_float64_reference(kind):
+    f, w = raw_pair(kind)
+    assert value(losses.ncc(f, w)) == pytest.approx(ncc_reference(f, w), abs=1e-6)
+    body = f > f.min()  # a mask: the correlation over the voxels that count
+    masked = value(losses.ncc(f, w, mask=body))
+    assert masked == pytest.approx(np.corrcoef(f[body].astype(np.float64), w[body])[0, 1], abs=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3, -1000.0])
+def test_ncc_of_constant_images_is_zero_with_a_zero_gradient(level):
+    f = raw_pair("ct")[0]
+    flat = tf.fill(f.shape, level)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(flat)
+        scores = [losses.ncc(f, flat), losses.ncc(flat, f), losses.ncc(flat, flat)]
+    for score in scores:
+        assert value(score) == 0.0
+        assert np.all(tape.gradient(score, flat).numpy() == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_mutual_information_on_raw_and_tiny_ranges_matches_the_reference(kind):
+    f, w = raw_pair(kind, shape=(16, 16, 16))
+    score = value(losses.mutual_information(f, w))
+    assert score == pytest.approx(mi_reference(f, w), rel=1e-4)
+    # Rescaled to ranges far under the old absolute epsilon (1e-5), as on the original range.
+    tiny = [((x - x.min()) * 1e-9).astype(np.float32) for x in (f, w)]
+    assert value(losses.mutual_information(*tiny)) == pytest.approx(score, rel=1e-4)
+    assert value(losses.mutual_information(f, 1e-7 * w + 0.25)) == pytest.approx(score, rel=1e-3)
+
+
+@pytest.mark.parametrize("level", [0.0, 1e-3, -1000.0])
+def test_mutual_information_of_a_constant_image_is_zero_and_finite(level):
+    f = raw_pair("mr")[0]
+    flat = tf.fill(f.shape, level)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(flat)
+        scores = [losses.mutual_information(f, flat), losses.mutual_information(flat, flat)]
+    for score in scores:
+        assert value(score) == pytest.approx(0.0, abs=1e-5)
+        assert np.all(np.isfinite(tape.gradient(score, flat).numpy()))
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_raw_intensity_loss_gradients_agree_with_float64_finite_differences(kind):
+    rng = np.random.default_rng(6)
+    f, w = raw_pair(kind, shape=(8, 9, 10))
+    h = 1e-4 * float(np.std(w))  # along a direction of norm about 1: a few thousandths of an intensity unit per voxel
+    for kernel, size, taps in (("box", 5, box_kernel1d(5)), ("gaussian", 6, gaussian_kernel1d(1.0))):
+        reference_directional_check(
+            lambda x, kernel=kernel, size=size: losses.lncc_loss(f, x, kernel_size=size, kernel=kernel),
+            lambda x, taps=taps: 1.0 - lncc_reference(f, x, taps), w, rng, h)
+    reference_directional_check(lambda x: losses.ncc_loss(f, x), lambda x: 1.0 - ncc_reference(f, x), w, rng, h)
+    # MI does not differentiate through the minimum and maximum: leave the voxels at either alone.
+    inside = ((w > w.min()) & (w < w.max())).astype(np.float64)
+    reference_directional_check(
+        lambda x: losses.mutual_information_loss(f, x), lambda x: -mi_reference(f, x), w, rng, h, mask=inside)
 
 
 def test_image_losses_by_name():

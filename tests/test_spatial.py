@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import correlate1d, map_coordinates
 
 from teachreg import spatial
+from teachreg.filters import gaussian_kernel1d
 
 RNG = np.random.default_rng(0)
 
@@ -228,6 +229,31 @@ def test_downsample_halves_the_grid_and_keeps_constants():
     small = spatial.downsample(image).numpy()
     assert small.shape == (1, 19, 64, 64)
     np.testing.assert_allclose(small[:, 2:-2, 2:-2, 2:-2], 3.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", [3.0, -1000.0, 1e4])
+@pytest.mark.parametrize("shape", [(9, 20, 33), (2, 3, 17)])
+def test_smooth_downsample_and_resize_keep_a_constant_up_to_the_borders(level, shape):
+    # Zero padding darkened the borders of coarse pyramid levels; windows are renormalised instead,
+    # even where the kernel is wider than the volume (sigma 4 on 2 voxels).
+    image = np.full((1, *shape), level, np.float32)
+    outputs = [spatial.smooth(image, sigma).numpy() for sigma in (0.5, 1.0, 4.0)]
+    outputs += [spatial.downsample(image, factor).numpy() for factor in (2, 3)]
+    outputs += [spatial.downsample(spatial.downsample(image)).numpy(), spatial.resize(image, (5, 6, 7)).numpy()]
+    outputs += [spatial.smooth(np.repeat(image[..., None], 2, axis=-1), 1.5).numpy()]
+    for out in outputs:
+        np.testing.assert_allclose(out, level, rtol=1e-6)
+
+
+def test_smooth_is_a_gaussian_convolution_renormalised_at_the_border():
+    x = RNG.uniform(-1000, 500, size=(2, 7, 9, 11, 2)).astype(np.float32)
+    kernel = gaussian_kernel1d(1.3).astype(np.float64)
+    expected = x.astype(np.float64)
+    for axis in (1, 2, 3):  # the weights of the voxels inside each window, renormalised to sum to 1
+        weights = correlate1d(np.ones_like(expected), kernel, axis=axis, mode="constant")
+        expected = correlate1d(expected, kernel, axis=axis, mode="constant") / weights
+    np.testing.assert_allclose(spatial.smooth(x, 1.3).numpy(), expected, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(spatial.smooth(x[..., 0], 1.3).numpy(), expected[..., 0], rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize(

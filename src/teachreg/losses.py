@@ -43,10 +43,12 @@ __all__ = [
 ]
 
 EPS = 1e-5
-"""Stabiliser of the ratios below (Dice, Jaccard, LNCC denominators, MI histograms)."""
+"""Stabiliser of the ratios below: absolute in Dice, Jaccard and the MI histograms (dimensionless);
+in LNCC, `EPS**2` times the product of the two images' variances (relative to the data)."""
 
-NCC_EPS = 1e-10
-"""Added to the product of the variances in the global NCC, so a constant image gives 0, not NaN."""
+NCC_EPS = 1e-7
+"""Relative resolution of the global NCC (about float32's): an image whose standard deviation is at
+most `NCC_EPS` times the magnitude of its mean counts as constant, and its NCC is 0."""
 
 CE_EPS = 1e-7
 """Predicted probabilities are clipped to [CE_EPS, 1 - CE_EPS] in the cross-entropy."""
@@ -75,14 +77,17 @@ def _labels(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _mask(mask, like: tf.Tensor) -> tf.Tensor | None:
-    """Voxel weights `[batch, D, H, W]` or `[batch, D, H, W, 1]` (0 ignores a voxel) as `[batch, D, H, W, 1]`."""
+    """Voxel weights `[batch, D, H, W]` or `[batch, D, H, W, 1]` (0 ignores a voxel) as `[batch, D, H, W, 1]`.
+
+    In the dtype of `like`, the image they weigh.
+    """
     if mask is None:
         return None
     weights = _validate.as_float_tensor("mask", mask, (4, 5), "[batch, D, H, W] or [batch, D, H, W, 1]")
     weights = weights[..., None] if weights.shape.rank == 4 else weights
     if not weights.shape[:4].is_compatible_with(like.shape[:4]) or weights.shape[4] not in (None, 1):
         raise ValueError(f"mask must have shape [batch, D, H, W] matching the images {tuple(like.shape[:4])}, got {tuple(weights.shape)}.")
-    return weights
+    return tf.cast(weights, like.dtype)
 
 
 def _mean(x: tf.Tensor, weights: tf.Tensor | None, axis=None, keepdims: bool = False) -> tf.Tensor:
@@ -109,17 +114,24 @@ def ssd_loss(fixed, warped, mask=None) -> tf.Tensor:
 def ncc(fixed, warped, mask=None) -> tf.Tensor:
     """Global normalised cross-correlation, a score in [-1, 1] (maximised).
 
-    Computed per sample and channel over all voxels, `cov(f, w) / sqrt(var(f) var(w) + NCC_EPS)`,
-    then averaged over channels and the batch. `ncc(x, a * x + b) = 1` for `a > 0`, -1 for `a < 0`.
+    Computed per sample and channel over all voxels, in float64, `cov(f, w) / sqrt(var(f) var(w))`,
+    then averaged over channels and the batch. `ncc(x, a * x + b) = 1` for `a > 0`, -1 for
+    `a < 0`, on any intensity range. No absolute epsilon: an image whose standard deviation is at
+    most `NCC_EPS` times the magnitude of its mean (constant to float32 round-off) gives 0, with
+    a zero gradient.
     """
     fixed, warped = _images(fixed, warped)
-    weights = _mask(mask, fixed)
-    f = fixed - _mean(fixed, weights, axis=_SPATIAL, keepdims=True)
-    w = warped - _mean(warped, weights, axis=_SPATIAL, keepdims=True)
+    f, w = tf.cast(fixed, tf.float64), tf.cast(warped, tf.float64)
+    weights = _mask(mask, f)
+    mean_f = _mean(f, weights, axis=_SPATIAL, keepdims=True)
+    mean_w = _mean(w, weights, axis=_SPATIAL, keepdims=True)
+    f, w = f - mean_f, w - mean_w
     cov = _mean(f * w, weights, axis=_SPATIAL)
     var_f = _mean(f * f, weights, axis=_SPATIAL)
     var_w = _mean(w * w, weights, axis=_SPATIAL)
-    return tf.reduce_mean(cov * tf.math.rsqrt(var_f * var_w + NCC_EPS))
+    varies = (var_f > tf.square(NCC_EPS * mean_f[:, 0, 0, 0])) & (var_w > tf.square(NCC_EPS * mean_w[:, 0, 0, 0]))
+    score = tf.where(varies, cov * tf.math.rsqrt(tf.where(varies, var_f * var_w, 1.0)), 0.0)
+    return tf.cast(tf.reduce_mean(score), tf.float32)
 
 
 def ncc_loss(fixed, warped, mask=None) -> tf.Tensor:
@@ -137,47 +149,40 @@ def _window(kernel_size: int, kernel: str) -> np.ndarray:
     raise ValueError(f"kernel must be 'box' or 'gaussian', got {kernel!r}.")
 
 
-def _filtered_ones(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
-    """`separable_filter` of a ones-volume like `volume`: `[1, D, H, W, 1]`, an outer product of 1-D filters."""
-    taps = tf.constant(kernel[:, None, None], tf.float32)
-    shape = tf.shape(volume)
-    d, h, w = (
-        tf.reshape(tf.nn.conv1d(tf.ones([1, shape[axis], 1]), taps, stride=1, padding="SAME"), [-1])
-        for axis in _SPATIAL
-    )
-    return (d[:, None, None] * h[None, :, None] * w[None, None, :])[None, ..., None]
-
-
 def lncc(fixed, warped, kernel_size: int = 9, kernel: str = "box", mask=None) -> tf.Tensor:
     """Local normalised cross-correlation, a score in [0, 1] (maximised), as DeepReg / VoxelMorph.
 
-    Around each voxel, with window weights `k`: `cross**2 / (var_f * var_w + EPS)`, EPS = 1e-5,
-    where `cross`, `var_f` and `var_w` are the window sums of `(f - mean_f)(w - mean_w)`,
-    `(f - mean_f)**2` and `(w - mean_w)**2`, weighted by `k` scaled to 1 at the window centre (for
-    the box: plain sums over `kernel_size**3` voxels, as VoxelMorph). The value is averaged over
-    voxels, channels and the batch. Windows are cut at the volume border and renormalised, so
-    border windows are exact averages over the voxels inside. Flat regions (no local variance)
-    give 0.
+    Around each voxel, with normalised window weights `k`: `cross**2 / (var_f * var_w + EPS**2 *
+    V_f * V_w)`, where `cross`, `var_f` and `var_w` are the window means of `(f - mean_f)(w -
+    mean_w)`, `(f - mean_f)**2` and `(w - mean_w)**2` (in squared intensity units), and `V_f`,
+    `V_w` the variances of the whole images per sample and channel: the stabiliser is relative
+    to the data, so the value does not depend on the intensity range or offset (raw HU or MR
+    give the same as rescaled images). The value is averaged over voxels, channels and the
+    batch. Windows are cut at the volume border and renormalised, so border windows are exact
+    averages over the voxels inside. The window sums are taken in float64: in float32 the
+    variance of a flat window (air, a zero background) is round-off, not 0. Flat windows give
+    0, and so does a constant image.
 
     `kernel` is "box" (`kernel_size` odd, in voxels) or "gaussian" (sigma = `kernel_size / 6`
     voxels, truncated at 3 sigma, so the window spans about `kernel_size` voxels).
     """
     fixed, warped = _images(fixed, warped)
     taps = _window(kernel_size, kernel)
-    # Centring each image (LNCC does not change) makes the local variances below cancel less.
-    fixed = fixed - tf.reduce_mean(fixed, axis=_SPATIAL, keepdims=True)
-    warped = warped - tf.reduce_mean(warped, axis=_SPATIAL, keepdims=True)
+    # Centring each image (LNCC does not change) makes the local variances below cancel less;
+    # in float64 the mean of a constant image is exact, so it centres to 0.
+    f, w = (tf.cast(x, tf.float64) for x in (fixed, warped))
+    f = f - tf.reduce_mean(f, axis=_SPATIAL, keepdims=True)
+    w = w - tf.reduce_mean(w, axis=_SPATIAL, keepdims=True)
+    var_whole_f, var_whole_w = (tf.reduce_mean(x * x, axis=_SPATIAL, keepdims=True) for x in (f, w))
     # One filtering pass over I, J, I*I, J*J, I*J stacked along the channel axis.
-    stacked = tf.concat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], axis=-1)
-    ones = _filtered_ones(fixed, taps)
-    means = separable_filter(stacked, taps) / ones
+    means = separable_filter(tf.concat([f, w, f * f, w * w, f * w], axis=-1), taps)
     mean_f, mean_w, mean_ff, mean_ww, mean_fw = tf.split(means, 5, axis=-1)
     cross = mean_fw - mean_f * mean_w
     var_f = tf.maximum(mean_ff - mean_f * mean_f, 0.0)
     var_w = tf.maximum(mean_ww - mean_w * mean_w, 0.0)
-    # Means times the window's weight (centre weight 1) are the sums of DeepReg / VoxelMorph.
-    weight = ones * float(1.0 / taps.max()) ** 3
-    return _mean(cross * cross / (var_f * var_w + EPS / (weight * weight)), _mask(mask, fixed))
+    denominator = var_f * var_w + EPS**2 * var_whole_f * var_whole_w  # 0 only for a constant image, whose cross is 0
+    score = tf.where(denominator > 0, cross * cross / tf.where(denominator > 0, denominator, 1.0), 0.0)
+    return tf.cast(_mean(score, _mask(mask, score)), tf.float32)
 
 
 def lncc_loss(fixed, warped, kernel_size: int = 9, kernel: str = "box", mask=None) -> tf.Tensor:
@@ -189,9 +194,11 @@ def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5, 
     """Mutual information in nats, a score >= 0 (maximised), as DeepReg's GlobalMutualInformation.
 
     Each image is rescaled to [0, 1] by its own minimum and maximum per sample over the voxels
-    that count (not differentiated through), then every voxel (channels counted as voxels) spreads over `bins`
-    equally spaced bin centres with Gaussian Parzen weights of sigma `sigma_ratio` times the bin
-    spacing, normalised to sum to 1. From the joint histogram `p_ab` and its marginals:
+    that count (not differentiated through), whatever its intensity range: the range divides
+    with no epsilon, and a constant image falls in the first bin, giving 0 with a finite
+    gradient. Then every voxel (channels counted as voxels) spreads over `bins` equally spaced
+    bin centres with Gaussian Parzen weights of sigma `sigma_ratio` times the bin spacing,
+    normalised to sum to 1. From the joint histogram `p_ab` and its marginals:
     `sum p_ab log((p_ab + EPS) / (p_a p_b + EPS))`. With a `mask`, voxels count in the
     histograms with its weights.
     """
@@ -213,7 +220,8 @@ def mutual_information(fixed, warped, bins: int = 23, sigma_ratio: float = 0.5, 
         counted = counts > 0  # the range comes from the voxels that count
         low = tf.stop_gradient(tf.reduce_min(tf.where(counted, x, np.inf), axis=1, keepdims=True))
         high = tf.stop_gradient(tf.reduce_max(tf.where(counted, x, -np.inf), axis=1, keepdims=True))
-        x = tf.clip_by_value((x - low) / tf.maximum(high - low, EPS), 0.0, 1.0)  # clips uncounted voxels only
+        span = tf.where(high > low, high - low, 1.0)  # any positive value for a constant image
+        x = tf.clip_by_value((x - low) / span, 0.0, 1.0)  # clips uncounted voxels only
         weights = tf.exp(-tf.square(x - centres) / (2.0 * sigma**2))
         return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 

@@ -318,7 +318,11 @@ def fit_bspline(ddf, bases) -> tf.Tensor:
 
 
 def smooth(image, sigma: float) -> tf.Tensor:
-    """Gaussian smoothing of `image` `[batch, D, H, W(, C)]` with `sigma` in voxels (same shape)."""
+    """Gaussian smoothing of `image` `[batch, D, H, W(, C)]` with `sigma` in voxels (same shape).
+
+    The kernel is truncated at 3 sigma; windows are cut at the volume border and renormalised
+    (`filters.separable_filter`), so a constant image stays constant up to float32 round-off.
+    """
     has_channels = _rank(image) == 5
     x = _validate.image("image", image)
     out = separable_filter(x, gaussian_kernel1d(sigma)) if sigma > 0 else x
@@ -336,7 +340,11 @@ def resize(volume, shape: Shape3, interpolation: str = "linear") -> tf.Tensor:
 
 
 def downsample(image, factor: int = 2) -> tf.Tensor:
-    """Smooth `image` `[batch, D, H, W(, C)]` (sigma = factor / 2 voxels) and resize it to `(n - 1) // factor + 1` per axis."""
+    """Smooth `image` `[batch, D, H, W(, C)]` (sigma = factor / 2 voxels) and resize it to `(n - 1) // factor + 1` per axis.
+
+    A level of an image pyramid: intensities keep their units and a constant image stays
+    constant, borders included (see `smooth`).
+    """
     shape = [(int(n) - 1) // factor + 1 for n in image.shape[1:4]]
     return resize(smooth(image, factor / 2), shape)
 
