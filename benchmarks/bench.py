@@ -1,7 +1,7 @@
 """Speed and accuracy figures for the course, printed as JSON (`make bench`).
 
 Core operations (warping, losses), chapter 4's nonrigid registration against elastix on the
-prostate pair, and chapter 5's pretrained lung network against the classical optimiser, alone and
+prostate pair, `register.demons` against SimpleITK's demons filters on that pair, and chapter 5's pretrained lung network against the classical optimiser, alone and
 refined by a short run of that optimiser.
 
 Every comparison is measured side by side in one run, interleaving the contenders and taking the
@@ -125,6 +125,87 @@ def nonrigid_figures(repeats: int, store_elastix: bool) -> dict:
     return out
 
 
+def sitk_demons(moving, fixed, diffeomorphic: bool, levels: int, steps, field_sigma: float):
+    """SimpleITK's (Diffeomorphic)DemonsRegistrationFilter, coarse to fine, on the very pyramid `register.demons` uses.
+
+    The multi-resolution wrapper of the SimpleITK notebooks (`multiscale_demons`: the filter's
+    `Execute` on each level from the previous level's field, resampled onto the finer grid), fed
+    with teachreg's windowed images and pyramid so that only the demons themselves differ. Each
+    level's spacing is its voxel size in finest voxels, so fields come back in finest voxels.
+    Returns a `register.Result` (seconds: the filter and the field resampling, not the pyramid).
+    """
+    import SimpleITK as sitk
+
+    from teachreg import register
+
+    moving_t, fixed_t = register._pair(moving, fixed, levels, coarsest=2, window="each")
+    full = np.asarray(fixed_t.shape[1:4], np.float64)
+    pyramid = []
+    for moving_l, fixed_l in register._pyramid(moving_t, fixed_t, levels, 0.0):
+        spacing = (full - 1) / np.maximum(np.asarray(fixed_l.shape[1:4]) - 1, 1)  # z, y, x
+        images = [sitk.GetImageFromArray(image.numpy()[0, ..., 0]) for image in (moving_l, fixed_l)]
+        for image in images:
+            image.SetSpacing([float(s) for s in spacing[::-1]])
+        pyramid.append(images)
+    demons = sitk.DiffeomorphicDemonsRegistrationFilter() if diffeomorphic else sitk.DemonsRegistrationFilter()
+    demons.SetSmoothDisplacementField(field_sigma > 0)
+    demons.SetStandardDeviations(field_sigma)
+    start = time.perf_counter()
+    field = None
+    for level, (moving_l, fixed_l) in enumerate(pyramid):
+        if field is None:
+            field = sitk.Image(fixed_l.GetSize(), sitk.sitkVectorFloat64, 3)
+            field.CopyInformation(fixed_l)
+        else:
+            field = sitk.Resample(field, fixed_l)
+        demons.SetNumberOfIterations(int(steps[level]))
+        field = demons.Execute(fixed_l, moving_l, field)
+    seconds = time.perf_counter() - start
+    ddf = sitk.GetArrayFromImage(field)[..., ::-1][None].astype(np.float32)  # (x, y, z) mm -> (z, y, x) voxels
+    return register.Result(ddf=tf.constant(ddf), seconds=seconds)
+
+
+def demons_figures(repeats: int) -> dict:
+    """`register.demons` (defaults) against SimpleITK's demons filters with the same levels, steps and
+    sigma, on the prostate pair in both directions, interleaved. Per contender: the median over
+    `repeats` runs after a first call (`first_seconds`: ours includes XLA compiling the steps)."""
+    import inspect
+
+    from teachreg import data, metrics, register
+
+    defaults = {k: v.default for k, v in inspect.signature(register.demons).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    same = dict(levels=defaults["levels"], steps=register._per_level(defaults["steps"], defaults["levels"]),
+                field_sigma=defaults["field_sigma"])
+    pair = data.load("prostate_mr")
+    out = {"settings": {**same, "steps": list(same["steps"])}}
+    for direction, (moving, fixed) in (("0_onto_1", (pair.moving, pair.fixed)), ("1_onto_0", (pair.fixed, pair.moving))):
+        gland, fixed_gland = moving.labels[..., 0].astype(np.float32), fixed.labels[..., 0]
+        contenders = {
+            "teachreg_demons": lambda: register.demons(moving.image, fixed.image),
+            "sitk_demons": lambda: sitk_demons(moving.image, fixed.image, False, **same),
+            "teachreg_diffeomorphic": lambda: register.demons(moving.image, fixed.image, diffeomorphic=True),
+            "sitk_diffeomorphic": lambda: sitk_demons(moving.image, fixed.image, True, **same),
+        }
+        runs = {name: [] for name in contenders}
+        for _ in range(repeats + 1):
+            for name, register_pair in contenders.items():
+                result = register_pair()
+                runs[name].append(dict(dice=metrics.dice(result.warp_label(gland), fixed_gland),
+                                       folding=metrics.folding_fraction(result.ddf), seconds=result.seconds))
+        row = {"dice_before": round(metrics.dice(gland, fixed_gland), 4)}
+        for name, rows in runs.items():
+            later = rows[1:] or rows
+            row[name] = {key: round(statistics.median(r[key] for r in later), 4) for key in rows[0]}
+            row[name]["first_seconds"] = round(rows[0]["seconds"], 4)
+        for variant in ("demons", "diffeomorphic"):
+            ours, peer = row[f"teachreg_{variant}"], row[f"sitk_{variant}"]
+            row[f"{variant}_dice_minus_sitk"] = round(ours["dice"] - peer["dice"], 4)
+            row[f"{variant}_seconds_over_sitk"] = round(ours["seconds"] / peer["seconds"], 2)
+        out[direction] = row
+    return out
+
+
 def network_figures(classical: int) -> dict:
     """The pretrained lung CT network on every test pair, and `classical` pairs also by `register.nonrigid`
     with `presets.LUNG_CLASSICAL`, as in chapter 5; "refined": the network's DDF refined by
@@ -166,6 +247,9 @@ def main() -> None:
     parser.add_argument("--nonrigid", type=int, default=2, metavar="N",
                         help="runs of each prostate registration, ours and elastix's (0 skips them)")
     parser.add_argument("--store-elastix", action="store_true", help="save elastix's figures for the book")
+    parser.add_argument("--demons", type=int, default=2, metavar="N",
+                        help="runs of each prostate demons registration, ours and SimpleITK's, after a first call "
+                             "(0 skips them)")
     parser.add_argument("--classical", type=int, default=2, metavar="N",
                         help="lung test pairs also registered by the classical optimiser (-1 skips the network)")
     args = parser.parse_args()
@@ -181,6 +265,8 @@ def main() -> None:
         }
     if args.nonrigid:
         report["prostate_nonrigid"] = nonrigid_figures(args.nonrigid, args.store_elastix)
+    if args.demons:
+        report["prostate_demons"] = demons_figures(args.demons)
     if args.classical >= 0:
         report["lung_network"] = network_figures(args.classical)
     print(json.dumps(report, indent=2))

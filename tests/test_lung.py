@@ -332,3 +332,98 @@ def test_an_empty_user_mask_is_named(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), path)
     with pytest.raises(lung.DataError, match="empty_exp.nii.gz: the lung mask is empty"):
         lung._read_mask(path)
+
+
+# --- motions fitted to masks and points ---
+
+
+def _spinning_lungs(n_points: int = 400):
+    """Masks (source = expiration, target = inspiration) of a spheroid lung, 4 mm voxels, and points.
+
+    The known motion u (voxels, target grid -> source grid) stretches z by 10 % and turns the lung by
+    0.3 rad about its z axis: the turn leaves the masks unchanged (round in y, x), so only points see it.
+    Returns the two mask Volumes, (source points, target points) `[N, 3]` voxels, and u at the target points."""
+    shape, s = (40, 32, 32), 4.0
+    centre = (np.asarray(shape) - 1) / 2
+    def u(x):  # x [..., 3] voxels -> displacement [..., 3]
+        d = x - centre
+        c, n = np.cos(0.3), np.sin(0.3)
+        turned = np.stack([0.9 * d[..., 0], c * d[..., 1] - n * d[..., 2], n * d[..., 1] + c * d[..., 2]], -1)
+        return turned - d
+    def inside(x):
+        d = (x - centre) * s
+        return (d[..., 0] / 55) ** 2 + (d[..., 1] ** 2 + d[..., 2] ** 2) / 40**2 <= 1
+    grid = np.moveaxis(np.indices(shape, np.float64), 0, -1)
+    source, target = inside(grid), inside(grid + u(grid))
+    rng = np.random.default_rng(1)
+    candidates = rng.uniform(0, np.asarray(shape) - 1, (20 * n_points, 3))
+    target_points = candidates[inside(candidates + u(candidates)) & inside(candidates)][:n_points]
+    masks = [data.Volume(m.astype(np.float32), (s, s, s), m[..., None].astype(np.uint8), ("lung",), name)
+             for m, name in ((source, "exp"), (target, "insp"))]
+    return masks, (target_points + u(target_points), target_points)
+
+
+def test_the_motion_fit_recovers_a_known_motion_from_masks_and_points():
+    masks, points = _spinning_lungs()
+    options = dict(grid=(32, 28, 28), spacing=(6.0, 6.0, 6.0))
+    combined = lung.estimate_motion(*masks, "spin", "expiration", pairs=points, **options)
+    alone = lung.estimate_motion(*masks, "spin", "expiration", **options)
+    held, _ = lung._held_out_split(len(points[1]))
+    errors = {}
+    for name, motion in (("combined", combined), ("masks", alone)):
+        on_grid = [(p * 4.0 - motion.origin) / 6.0 for p in points]
+        errors[name] = lung._point_error(motion.ddf, on_grid[1][held], on_grid[0][held], 6.0).mean()
+    assert combined.stats["held_out_mm_mean"] == pytest.approx(errors["combined"], abs=0.01)
+    assert combined.stats["dice"] >= 0.93 and combined.stats["points_held_out"] == len(held)
+    assert errors["combined"] < 0.4 * errors["masks"], errors
+    assert errors["combined"] < 0.3 * combined.stats["initial_mm_mean"], (errors, combined.stats)
+
+
+def test_motion_inputs_are_checked_naming_the_case():
+    masks, (source_points, target_points) = _spinning_lungs(100)
+    with pytest.raises(data.DataError, match=r"motion spin: only \d+% of the inspiration keypoints lie inside"):
+        lung.estimate_motion(*masks, "spin", "expiration", pairs=(source_points, target_points + [0, 15, 0]),
+                             grid=(32, 28, 28), spacing=(6.0, 6.0, 6.0))
+    coarse = data.Volume(np.zeros((20, 40, 40), np.float32), (8.0, 1.0, 1.0), None, (), "a0002")
+    with pytest.raises(data.DataError, match="a0002: its slices are 8.00 mm apart, too coarse along z"):
+        lung.prepare_ct(coarse, "inspiration", "a0002")
+    source = _phantom()
+    steady = np.random.default_rng(0).uniform(-10, 10, (50, 3)) + (source.lo + source.hi) / 2
+    motion = lung.landmark_motion(steady / 2, steady / 2 + 0.5, (2.0, 2.0, 2.0), "dirlab_9", "expiration",
+                                  grid=(50, 50, 50), spacing=(2.0, 2.0, 2.0))
+    assert motion.stats["held_out_mm_mean"] < 0.01 and motion.stats["folding_fraction"] == 0
+    motion.points = motion.points + 30.0  # landmarks that the mapping puts beside the CT's lungs
+    with pytest.raises(data.DataError, match="test/case_009: only 0% of motion dirlab_9's landmarks fall inside"):
+        lung.make_pair(source, motion, "test/case_009", grid=(30, 30, 30), spacing=(2, 2, 2))
+
+
+@pytest.mark.parametrize("given, message", [
+    (["--ct", "ct.nii.gz", "--keypoints", "kp.csv"], "--keypoints needs --masks EXP INSP"),
+    (["--ct", "ct.nii.gz", "--landmarks", "lm.mat"], "--landmarks FILE.mat needs --landmark-spacing"),
+    (["--ct", "ct.nii.gz", "--landmarks", "lm.mat", "--landmark-spacing", "1", "1", "0"], "3 positive voxel sizes"),
+    (["--ct", "ct.nii.gz", "--masks", "e.nii.gz", "i.nii.gz", "--landmarks", "lm.mat", "--landmark-spacing", "1", "1",
+      "2.5"], "--masks (with --keypoints) or --landmarks, not both"),
+    (["--landmarks", "lm.mat", "--landmark-spacing", "1", "1", "2.5"], "--landmarks needs --ct"),
+])
+def test_motion_flags_refuse_bad_combinations(tmp_path, monkeypatch, capsys, given, message):
+    monkeypatch.setattr(lung, "build", lambda **kwargs: pytest.fail(f"build called with {kwargs}"))
+    assert cli.main(["data", "build-lung", "--out", str(tmp_path / "out"), *given]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_landmark_spacing_takes_three_numbers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "build-lung", "--ct", "ct", "--landmarks", "lm.mat", "--landmark-spacing", "1", "2.5"])
+    assert exit_info.value.code == 2 and "--landmark-spacing: expected 3 arguments" in capsys.readouterr().err
+
+
+def test_a_landmark_file_without_its_variables_is_named(tmp_path, inputs, capsys):
+    import scipy.io
+
+    bad = tmp_path / "landmarks.mat"
+    scipy.io.savemat(bad, {"points": np.ones((5, 3))})
+    assert cli.main(["data", "build-lung", "--out", str(tmp_path / "out"), "--ct", inputs[0], "--landmarks", str(bad),
+                     "--landmark-spacing", "1", "1", "2.5", *TINY]) == 1
+    assert f"{bad}: expected variables landmark_EE and landmark_EI" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "test").exists()

@@ -222,3 +222,160 @@ def test_predict_ddf_refuses_tiny_images_bad_batch_sizes_and_nan():
     broken[2, 3, 4] = np.nan
     with pytest.raises(ValueError, match=r"^fixed contains NaN or infinite values"):
         model.predict_ddf(image, broken)
+
+
+# --- demons ---
+
+
+def wave_ddf(shape, amplitude):
+    """A smooth DDF `[1, D, H, W, 3]` (voxels) of sines across the volume, largest `amplitude`, without folds."""
+    z, y, x = (spatial.reference_grid(shape).numpy()[..., i] / (n - 1) for i, n in enumerate(shape))
+    field = np.stack([np.sin(np.pi * y) * np.sin(np.pi * x), np.sin(2 * np.pi * z) * np.sin(np.pi * x),
+                      np.sin(np.pi * y) * np.cos(np.pi * z)], axis=-1)
+    return (amplitude * field)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("diffeomorphic", [False, True])
+def test_demons_recovers_a_known_smooth_deformation(diffeomorphic):
+    moving = blobs(seed=3)
+    true_ddf = wave_ddf(moving.shape, 2.0)
+    fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
+    seen = []
+    result = register.demons(moving, fixed, diffeomorphic=diffeomorphic,
+                             callback=lambda level, step, value: seen.append((level, step)))
+    inner = (slice(3, -3),) * 3  # the field is only determined where the image has something to match
+    error = np.linalg.norm(result.ddf.numpy() - true_ddf, axis=-1)[0][inner].mean()
+    initial = np.linalg.norm(true_ddf, axis=-1)[0][inner].mean()
+    assert initial > 1.5
+    assert error < 0.4 * initial, f"mean displacement error {error:.2f} of {initial:.2f} voxels"
+    before = np.mean((moving - fixed) ** 2)
+    after = np.mean((result.warp(moving) - fixed) ** 2)
+    assert after < 0.05 * before, f"mean squared difference {before:.5f} -> {after:.5f}"
+    assert metrics.folding_fraction(result.ddf) == 0.0
+    assert result.ddf.shape == (1, *moving.shape, 3) and result.seconds > 0
+    assert len(result.history) == 90 and result.levels == [0] * 30 + [1] * 30 + [2] * 30
+    assert seen == list(zip(result.levels, [*range(30)] * 3))
+    assert result.history[-1] < result.history[60]  # the finest level lowers the mean squared difference
+
+
+def test_diffeomorphic_demons_do_not_fold_where_additive_demons_do():
+    # A large deformation and a weak field smoothing: adding the updates folds the field,
+    # composing their exponentials does not.
+    moving = blobs(seed=3)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 3.0, seed=4)).numpy()[0]
+    options = dict(field_sigma=0.5, levels=2, steps=(50, 100))
+    additive = register.demons(moving, fixed, **options)
+    diffeomorphic = register.demons(moving, fixed, diffeomorphic=True, **options)
+    assert metrics.folding_fraction(additive.ddf) > 0.002  # 0.76 % of the voxels fold
+    assert metrics.folding_fraction(diffeomorphic.ddf) == 0.0
+    assert diffeomorphic.history[-1] < 0.5 * diffeomorphic.history[0]  # it still registers
+
+
+def test_demons_smoothing_options_count():
+    moving = blobs(shape=(16, 16, 16), seed=7)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.5, seed=8)).numpy()[0]
+    options = dict(levels=2, steps=10)
+    first, again = (register.demons(moving, fixed, **options) for _ in range(2))
+    np.testing.assert_array_equal(first.ddf.numpy(), again.ddf.numpy())  # compiled once, same answer
+    stiff = register.demons(moving, fixed, field_sigma=3.0, **options)
+    fluid = register.demons(moving, fixed, update_sigma=2.0, **options)
+    for other in (stiff, fluid):
+        assert losses.bending_energy_loss(other.ddf) < losses.bending_energy_loss(first.ddf)
+    swapped = register.demons(fixed, moving, **options)
+    assert not np.allclose(swapped.ddf.numpy(), first.ddf.numpy(), atol=0.1)
+
+
+@pytest.mark.parametrize(
+    "option,value,match",
+    [
+        ("levels", 0, r"^levels must be a whole number >= 1, got 0\.$"),
+        ("steps", -5, r"^steps must be whole numbers >= 0"),
+        ("steps", (10, 10), r"^steps must be one number or one per level \(3\)"),
+        ("field_sigma", -1.0, r"^field_sigma must be a finite number >= 0, got -1\.0\.$"),
+        ("update_sigma", float("nan"), r"^update_sigma must be a finite number >= 0, got nan\.$"),
+        ("max_step", 0.0, r"^max_step must be a finite number > 0, got 0\.0\.$"),
+        ("gradient", "moving", r"^gradient must be 'fixed', 'symmetric' or None, got 'moving'\.$"),
+        ("diffeomorphic", "yes", r"^diffeomorphic must be True or False, got 'yes'\.$"),
+    ],
+)
+def test_demons_rejects_bad_options(option, value, match):
+    image = blobs(shape=(16, 16, 16))
+    with pytest.raises(ValueError, match=match):
+        register.demons(image, image, **{option: value})
+
+
+def test_demons_rejects_bad_images():
+    image = blobs(shape=(16, 16, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        register.demons(image, image[:, :, :12])
+    with pytest.raises(ValueError, match=r"^fixed is constant"):
+        register.demons(image, np.zeros_like(image))
+    broken = image.copy()
+    broken[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"^moving contains NaN"):
+        register.demons(broken, image)
+    with pytest.raises(ValueError, match=r"^moving and fixed must have at least 5 voxels along D, H and W for levels=3"):
+        register.demons(image[:4], image[:4])
+    with pytest.raises(ValueError, match=r"^moving must have shape \[D, H, W\] or \[1, D, H, W\]"):
+        register.demons(image[None, None], image[None, None])
+
+
+# --- the point term (feature-based registration) ---
+
+
+def test_nonrigid_without_points_is_unchanged():
+    # Values of the code before the point term was added (same machine type; XLA on CPU), on inputs
+    # made here so that they stay fixed: smooth noise, mean magnitude 1.5 voxels.
+    fixed = blobs(shape=(16, 20, 20), seed=3)
+    field = spatial.smooth(np.random.default_rng(4).normal(size=(1, 16, 20, 20, 3)).astype(np.float32), 4.0).numpy()
+    moving = spatial.warp(fixed[None], field * 1.5 / np.linalg.norm(field, axis=-1).mean()).numpy()[0]
+    result = register.nonrigid(moving, fixed, transform="ddf", levels=2, steps=(15, 10))
+    np.testing.assert_allclose(np.abs(result.ddf.numpy()).sum(), 5681.5888671875, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(result.history).sum(), 0.8399649374186993, rtol=1e-5)
+    labels = [(image > 0.3).astype(np.float32) for image in (moving, fixed)]
+    start = register.affine(moving, fixed, levels=2, steps=10)
+    result = register.nonrigid(moving, fixed, moving_label=labels[0], fixed_label=labels[1], label_weight=1.0,
+                               transform="bspline", grid_spacing=2.0, loss="ssd", initial=start, levels=2,
+                               steps=(15, 10))
+    np.testing.assert_allclose(np.abs(result.ddf.numpy()).sum(), 11552.537109375, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(result.history).sum(), 1.3035557139664888, rtol=1e-5)
+
+
+@pytest.mark.parametrize("start", [None, "half"])
+def test_point_term_pulls_the_registration_to_known_correspondences(start):
+    # Identical images hold the DDF at zero; the points ask for a shift (with `initial`, of which
+    # half is given): the DDF at the points must follow them.
+    image = blobs(shape=(16, 20, 20), seed=5)
+    shift = np.array([1.0, -1.5, 2.0])
+    fixed_points = np.random.default_rng(0).uniform(3, 12, (40, 3))
+    initial = None if start is None else register.Result(ddf=np.broadcast_to(shift / 2, (1, 16, 20, 20, 3)))
+    options = dict(transform="bspline", grid_spacing=4.0, levels=2, steps=(60, 40), initial=initial)
+    plain = register.nonrigid(image, image, **options)
+    pulled = register.nonrigid(image, image, fixed_points=fixed_points, moving_points=fixed_points + shift,
+                               point_weight=10.0, **options)
+
+    def error(result):
+        moved = fixed_points + spatial.resample(result.ddf, fixed_points[None].astype(np.float32)).numpy()[0]
+        return np.linalg.norm(moved - (fixed_points + shift), axis=-1).mean()
+
+    assert error(plain) > 1.0
+    assert error(pulled) < 0.2, f"{error(pulled):.3f} voxels from the known correspondences"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fixed_points=np.ones((5, 3))), "give both fixed_points and moving_points"),
+        (dict(point_weight=1.0), "give both fixed_points and moving_points"),
+        (dict(fixed_points=np.ones((5, 3)), moving_points=np.ones((4, 3)), point_weight=1.0), "pair up: got 5 and 4"),
+        (dict(fixed_points=np.ones((5, 2)), moving_points=np.ones((5, 2)), point_weight=1.0), r"\[N, 3\].*\(5, 2\)"),
+        (dict(fixed_points=np.full((5, 3), 12.0), moving_points=np.ones((5, 3)), point_weight=1.0),
+         r"fixed_points: 5 of 5 points lie outside the grid \[12, 12, 12\]"),
+        (dict(fixed_points=np.ones((5, 3)), moving_points=np.full((5, 3), np.nan), point_weight=1.0), "NaN"),
+        (dict(fixed_points=np.ones((5, 3)), moving_points=np.ones((5, 3)), point_weight=-1.0), "point_weight"),
+    ],
+)
+def test_nonrigid_refuses_bad_points(kwargs, match):
+    image = blobs(shape=(12, 12, 12))
+    with pytest.raises(ValueError, match=match):
+        register.nonrigid(image, image, levels=1, steps=1, **kwargs)

@@ -91,12 +91,25 @@ def test_register_refuses_bad_input(shifted_pair, tmp_path, capsys):
     run = ["register", str(p / "moving.nii.gz"), str(tmp_path / "notes.txt"), "--out", str(tmp_path / "out"), "--quiet"]
     assert main(run) == 1
     assert "is not an image that SimpleITK can read" in capsys.readouterr().err
-    assert main(run[:2] + [str(p / "fixed.nii.gz")] + run[3:] + ["--method", "demons"]) == 1
-    assert "method must be one of bspline, ddf, svf, network, got 'demons'" in capsys.readouterr().err
+    assert main(run[:2] + [str(p / "fixed.nii.gz")] + run[3:] + ["--method", "elastix"]) == 1
+    assert "method must be one of bspline, ddf, svf, demons, network, got 'elastix'" in capsys.readouterr().err
     assert main(run[:2] + [str(p / "fixed.nii.gz")] + run[3:] + ["--moving-label", str(p / "fixed_label.nii.gz"),
                                                                   "--fixed-label", str(p / "fixed_label.nii.gz")]) == 1
     assert "lies on another grid than its image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demons_method_recovers_the_shift_without_folding(shifted_pair, tmp_path):
+    p = shifted_pair
+    assert main(["register", str(p / "moving.nii.gz"), str(p / "fixed.nii.gz"), "--out", str(tmp_path),
+                 "--moving-label", str(p / "moving_label.nii.gz"), "--fixed-label", str(p / "fixed_label.nii.gz"),
+                 "--method", "demons", "--no-affine", "--quiet"]) == 0  # demons alone
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "demons" and report["folded_fraction"] == 0
+    assert report["dice_after"] > max(0.9, report["dice_before"] + 0.1)
+    _, field = io.load_ddf(tmp_path / "ddf.nii.gz")
+    blob = sitk.GetArrayFromImage(io.read_image(p / "fixed.nii.gz")) > 300
+    np.testing.assert_allclose(sitk.GetArrayFromImage(field)[blob].mean(axis=0), SHIFT, atol=0.5)
 
 
 def test_the_network_method_writes_a_field_on_the_fixed_grid(shifted_pair, tmp_path):

@@ -112,24 +112,42 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _data_build_lung(args: argparse.Namespace) -> int:
     import json
 
-    if (args.ct is None) != (args.masks is None):
-        given, needed = ("--ct", "--masks") if args.masks is None else ("--masks", "--ct")
-        print(f"teachreg: error: {given} needs {needed}: give --ct CT --masks EXP INSP for a pair made from your "
-              "own CT, or neither for the course's dataset", file=sys.stderr)
+    motion = args.masks is not None or args.landmarks is not None
+    problem = None
+    if args.keypoints is not None and args.masks is None:
+        problem = "--keypoints needs --masks EXP INSP (the masks on the keypoints' grid)"
+    elif args.masks is not None and args.landmarks is not None:
+        problem = "give --masks (with --keypoints) or --landmarks, not both: each makes the motion"
+    elif (args.landmarks is None) != (args.landmark_spacing is None):
+        problem = ("--landmarks FILE.mat needs --landmark-spacing SY SX SZ (its voxel size in mm) and the other way "
+                   "round")
+    elif args.landmark_spacing is not None and min(args.landmark_spacing) <= 0:
+        problem = f"--landmark-spacing must be 3 positive voxel sizes in mm (y, x, z), got {args.landmark_spacing}"
+    elif (args.ct is None) == motion:
+        given, needed = ("--ct", "--masks or --landmarks") if args.ct is not None else (
+            "--masks" if args.masks is not None else "--landmarks", "--ct")
+        problem = (f"{given} needs {needed}: give --ct CT --masks EXP INSP (or --landmarks) for a pair made from "
+                   "your own CT, or neither for the course's dataset")
+    if problem:
+        print(f"teachreg: error: {problem}", file=sys.stderr)
         return 2  # a usage error, as argparse's
 
     from teachreg import lung  # TensorFlow loads only for this command
 
     try:
         root = lung.build(out=args.out, splits=args.splits, grid=args.grid, spacing=args.spacing,
-                          seed=args.seed, ct=args.ct, masks=args.masks, ct_state=args.ct_state, force=args.force)
+                          seed=args.seed, ct=args.ct, masks=args.masks, ct_state=args.ct_state, force=args.force,
+                          keypoints=args.keypoints, landmarks=args.landmarks, landmark_spacing=args.landmark_spacing)
     except ValueError as err:
         print(f"teachreg: error: {err}", file=sys.stderr)
         return 1
     for split, info in json.loads((root / "build.json").read_text())["splits"].items():
-        dice = [m["dice"] for m in info["motions"].values()]
-        print(f"{split}: {len(info['pairs'])} pairs in {root / split}; "
-              f"mask Dice of the {len(dice)} motions {min(dice):.3f}-{max(dice):.3f}")
+        motions = info["motions"].values()
+        dice = [m["dice"] for m in motions if "dice" in m]
+        held = [m["held_out_mm_mean"] for m in motions if "held_out_mm_mean" in m]
+        print(f"{split}: {len(info['pairs'])} pairs in {root / split}"
+              + (f"; mask Dice of the {len(dice)} motions {min(dice):.3f}-{max(dice):.3f}" if dice else "")
+              + (f"; held-out point error {min(held):.2f}-{max(held):.2f} mm" if held else ""))
     return 0
 
 
@@ -148,6 +166,14 @@ def _add_build_lung(data_commands: argparse._SubParsersAction) -> None:
                         help="with --masks: your own chest CT, a NIfTI or NRRD file, or a DICOM folder")
     parser.add_argument("--masks", nargs=2, metavar=("EXP", "INSP"),
                         help="with --ct: one patient's expiration and inspiration lung masks (NIfTI, one grid)")
+    parser.add_argument("--keypoints", metavar="FILE",
+                        help="with --masks: corrField keypoint pairs on the masks' grid (Learn2Reg .csv or COPD .dat), "
+                             "fitted with the masks")
+    parser.add_argument("--landmarks", metavar="FILE.mat",
+                        help="with --ct, instead of --masks: DIR-Lab landmark pairs (landmark_EE and landmark_EI or "
+                             "landmark_new_EI, [y, x, z] voxels); the motion is their thin-plate spline")
+    parser.add_argument("--landmark-spacing", nargs=3, type=float, metavar=("SY", "SX", "SZ"),
+                        help="with --landmarks: the voxel size of the landmarks' grid in mm, in the file's order")
     parser.add_argument("--ct-state", choices=("inspiration", "expiration"), default="inspiration",
                         help="with --ct: the CT's breathing state")
     parser.add_argument("--force", action="store_true", help="rebuild even if built with these parameters")
@@ -191,8 +217,8 @@ def _add_register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--method", default="bspline",
                         help="nonrigid step: bspline (default), ddf or svf (register.nonrigid with chapter 4's "
-                             "settings), or network: the pretrained LUNG CT network, for chest CTs in HU only "
-                             "(teachreg.scans.METHODS)")
+                             "settings), demons (diffeomorphic demons, register.demons), or network: the pretrained "
+                             "lung CT network, for chest CTs in HU only (teachreg.scans.METHODS)")
     parser.add_argument("--moving-label", metavar="FILE", help="with --fixed-label: binary masks for Dice (not used "
                         "to register)")
     parser.add_argument("--fixed-label", metavar="FILE", help="the fixed image's mask of the same structure")

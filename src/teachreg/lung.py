@@ -9,7 +9,10 @@ pair is built from real parts (`build`, or `teachreg data build-lung`):
 2. A real breathing motion: the displacement between one Learn2Reg patient's expiration and
    inspiration lung masks, found by registering the masks with `teachreg.register.nonrigid`
    (Dice and SSD of the masks, bending energy, cubic B-spline, on the grid halved) in both
-   directions (`estimate_motion`). The scans are not aligned beforehand, so the displacement
+   directions (`estimate_motion`), with the keypoint correspondences inside the lungs where
+   there are some (the point term, `POINT_WEIGHT`: the masks alone say nothing about the motion
+   inside the lungs); without masks, the thin-plate spline through landmark pairs
+   (`landmark_motion`). The scans are not aligned beforehand, so the displacement
    also holds any change in the patient's position between them.
 3. The motion is carried to the CT by the affine map that matches the lungs' bounding boxes, and
    the CT is warped with it into the other breathing state; inside the lungs its density is
@@ -66,6 +69,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,15 +78,16 @@ from scipy import ndimage
 from skimage import measure
 from tqdm.auto import tqdm
 
-from teachreg import metrics, presets, register, spatial
+from teachreg import landmarks, metrics, presets, register, spatial
 from teachreg.data import DataError, Pair, Volume, data_dir, load, write_pair
-from teachreg.data.loaders import read_volume
+from teachreg.data.loaders import read_keypoints, read_landmarks, read_nifti, read_volume
 from teachreg.files import write_atomic
 
 __all__ = [
     "JITTER_MM", "CUT_FRACTION", "HU_AIR", "LUNG_LITRES", "LUNG_HU", "MARKER", "VERSION",
     "REGISTRATION", "REGULARISER_WEIGHTS", "CTS", "MOTIONS", "Source", "Motion",
-    "segment_lungs", "prepare_ct", "check_lungs", "estimate_motion", "breathing_motions",
+    "HELD_OUT", "POINT_WEIGHT", "POINT_REGULARISER_WEIGHTS", "MAX_HELD_OUT_MM", "INSIDE_FRACTION", "MAX_Z_SPACING", "LANDMARK_MARGIN_MM",
+    "segment_lungs", "prepare_ct", "check_lungs", "estimate_motion", "landmark_motion", "breathing_motions",
     "make_pair", "build",
 ]
 
@@ -99,6 +104,20 @@ VERSION = 3  # bump when the output changes, so that cached builds are redone
 REGISTRATION = dict(loss="ssd", regulariser="bending", label_weight=1.0, transform="bspline", grid_spacing=2.0,
                     levels=2, steps=(100, 200), learning_rate=0.2)
 REGULARISER_WEIGHTS = (1.0, 2.0, 4.0)
+# Motions with point pairs (keypoints, landmarks): the point term's weight (squared voxels of the
+# halved grid), the fraction of the points held out of the fit to measure it (seeded split), the
+# largest mean held-out error (mm) a motion may keep, and the fraction of points that must lie
+# inside the lungs of their own state (keypoints) or of the CT once mapped onto it (landmarks).
+POINT_WEIGHT = 0.2
+POINT_REGULARISER_WEIGHTS = (1.0, 2.0, 4.0, 8.0)  # as REGULARISER_WEIGHTS, for fits with points (COPD needs 8)
+HELD_OUT = 0.2
+MAX_HELD_OUT_MM = 5.0
+INSIDE_FRACTION = 0.9
+# A CT's slices may be at most this many times the grid's z spacing apart.
+MAX_Z_SPACING = 2.0
+# Landmarks lie inside the lungs, not on their boundary: their bounding box grown by this margin
+# (mm, z, y, x) stands for the lungs' (about that of corrField keypoints in Learn2Reg case 1's masks).
+LANDMARK_MARGIN_MM = (30.0, 4.0, 14.0)
 
 # Real CTs: (name, loader, breathing state, split).
 CTS = (
@@ -136,7 +155,9 @@ class Source:
 class Motion:
     """A breathing motion from state `source` on a grid in its masks' frame: `ddf` float32
     `[D, H, W, 3]` (voxels) maps the other state's mask to the source state's; `origin` is voxel 0
-    in mm, `lo`/`hi` the source mask's bounding box in mm, `target_lung` the other mask on the grid."""
+    in mm, `lo`/`hi` the source mask's bounding box in mm, `target_lung` the other mask on the grid
+    (None without masks). `points`: a landmark motion's source-state landmarks `[N, 3]` in mm of
+    that frame, checked against a CT's lungs once mapped onto it (`make_pair`); else None."""
 
     name: str
     source: str
@@ -144,8 +165,9 @@ class Motion:
     origin: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    target_lung: np.ndarray
+    target_lung: np.ndarray | None
     stats: dict = field(default_factory=dict)
+    points: np.ndarray | None = None
 
 
 def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,9 +233,13 @@ def _largest(mask: np.ndarray, count: int) -> np.ndarray:
 def prepare_ct(volume: Volume, state: str, name: str, spacing=presets.LUNG_SPACING) -> Source:
     """A CT Volume (HU) at breathing `state` made ready to be sampled on grids of `spacing` mm.
 
-    Its first label is taken as the lungs if it has labels, else they are segmented.
+    Its first label is taken as the lungs if it has labels, else they are segmented. Raises
+    DataError naming `name` if its slices are more than `MAX_Z_SPACING` times the grid's z spacing apart.
     """
     s = np.asarray(volume.spacing, np.float64)
+    if s[0] > MAX_Z_SPACING * spacing[0]:
+        raise DataError(f"{name}: its slices are {s[0]:.2f} mm apart, too coarse along z for a grid of {spacing[0]:g} mm "
+                        f"(at most {MAX_Z_SPACING:g} x {spacing[0]:g} mm); give a CT with thinner slices")
     image = np.asarray(volume.image, np.float32)
     if volume.labels is not None:
         lung, lung_spacing = volume.labels[..., 0].astype(np.float32), s
@@ -255,18 +281,45 @@ def _field_of_view_cut(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     return int(z0), int(z1)
 
 
+def _held_out_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (held out, fitted) of `n` point pairs: `HELD_OUT` of them, drawn by a seeded generator."""
+    order = np.random.default_rng(0).permutation(n)
+    held = max(1, round(HELD_OUT * n))
+    return order[:held], order[held:]
+
+
+def _point_error(ddf: np.ndarray, target: np.ndarray, source: np.ndarray, spacing) -> np.ndarray:
+    """The distance in mm between `target + ddf(target)` and `source` (points `[N, 3]` in voxels of
+    the DDF's grid, `ddf` `[D, H, W, 3]` voxels sampled trilinearly): `[N]`."""
+    moved = target + np.stack([_sample(ddf[..., i], 1.0, target, mode="nearest") for i in range(3)], -1)
+    return np.linalg.norm((moved - source) * np.asarray(spacing), axis=-1)
+
+
+def _summary_mm(values: np.ndarray, prefix: str) -> dict:
+    return {f"{prefix}_mean": round(float(values.mean()), 2), f"{prefix}_median": round(float(np.median(values)), 2),
+            f"{prefix}_p90": round(float(np.percentile(values, 90)), 2)}
+
+
 def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source: str,
-                    grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING) -> Motion:
+                    grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING, pairs=None) -> Motion:
     """Register a patient's lung mask at breathing state `source` onto the one at the other state.
 
     Masks: Volumes on one voxel grid (labels `[..., 0]` used). Both are cut to their common field of
     view, sampled on a grid of `grid` voxels of `spacing` mm centred on their lungs, halved,
     and registered with `register.nonrigid` (`REGISTRATION`, with the first weight of
-    `REGULARISER_WEIGHTS` whose displacement does not fold); the DDF is resized to the grid.
+    `REGULARISER_WEIGHTS` whose displacement does not fold, `POINT_REGULARISER_WEIGHTS` with
+    pairs); the DDF is resized to the grid.
+    pairs: optional (source-state points, target-state points), `[N, 3]` voxels (z, y, x) of the
+    masks' grid, row n the same piece of lung (corrField keypoints): the pairs within the kept
+    slices drive the fit too (`POINT_WEIGHT`), except the `HELD_OUT` fraction, which measures it.
     `stats`: mask Dice before and after, displacement in mm inside the target lungs (mean, 95th
-    percentile, max), the slices kept, the weight. Raises DataError, naming the motion, if a mask
-    is empty, the masks' grids differ, the lungs do not fit in the grid, or the motion folds.
+    percentile, max), the slices kept, the weight, the seconds; with points, their counts and the
+    held-out pairs' error and initial distance in mm (mean, median, 90th percentile). Raises
+    DataError, naming the motion, if a mask is empty, the masks' grids differ, the lungs do not fit
+    in the grid, the motion folds, fewer than `INSIDE_FRACTION` of either state's points lie inside
+    its mask, or the held-out error's mean exceeds `MAX_HELD_OUT_MM`.
     """
+    start = time.perf_counter()
     s = np.asarray(source_mask.spacing, np.float64)
     a, b = source_mask.labels[..., 0] > 0, target_mask.labels[..., 0] > 0
     if a.shape != b.shape or not np.allclose(s, target_mask.spacing):
@@ -275,6 +328,22 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
     if not (a.any() and b.any()):
         raise DataError(f"motion {name}: a lung mask is empty")
     z0, z1 = _field_of_view_cut(a, b)
+    if pairs is not None:
+        pairs = [np.asarray(p, np.float64) for p in pairs]
+        other = "inspiration" if source == "expiration" else "expiration"
+        for state, mask, p in ((source, a, pairs[0]), (other, b, pairs[1])):
+            voxels = np.clip(np.round(p).astype(int), 0, np.asarray(a.shape) - 1)
+            inside = float(mask[tuple(voxels.T)].mean())
+            if inside < INSIDE_FRACTION:
+                raise DataError(f"motion {name}: only {inside:.0%} of the {state} keypoints lie inside the {state} "
+                                f"lung mask (at least {INSIDE_FRACTION:.0%} expected); are the keypoints' states "
+                                "swapped, or on another grid than the masks?")
+        # Pairs beyond the field-of-view cut would pull where the cut masks hold no lung.
+        kept = np.all([(p[:, 0] >= z0) & (p[:, 0] <= z1) for p in pairs], axis=0)
+        pairs = [p[kept] for p in pairs]
+        if kept.sum() < 10:
+            raise DataError(f"motion {name}: {kept.sum()} keypoint pairs within the slices both masks cover, "
+                            "at least 10 needed")
     a, b = a.astype(np.float32), b.astype(np.float32)
     for mask in (a, b):
         mask[:z0], mask[z1 + 1:] = 0, 0
@@ -285,16 +354,27 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
     points = _grid_mm(origin, grid, spacing)
     moving, fixed = _sample(a, s, points), _sample(b, s, points)
     coarse = [spatial.downsample(x[None]).numpy()[0] for x in (moving, fixed)]
-    for weight in REGULARISER_WEIGHTS:
-        result = register.nonrigid(coarse[0], coarse[1], moving_label=coarse[0], fixed_label=coarse[1],
-                                   regulariser_weight=weight, **REGISTRATION)
+    point_options = {}
+    if pairs is not None:  # as grid voxels, then as voxels of the halved grid
+        source_points, target_points = ((p * s - origin) / np.asarray(spacing) for p in pairs)
+        held, fitted = _held_out_split(len(target_points))
+        to_coarse = (np.asarray(coarse[0].shape) - 1) / (np.asarray(grid) - 1)
+        point_options = dict(fixed_points=target_points[fitted] * to_coarse,
+                             moving_points=source_points[fitted] * to_coarse, point_weight=POINT_WEIGHT)
+    weights = REGULARISER_WEIGHTS if pairs is None else POINT_REGULARISER_WEIGHTS
+    for weight in weights:
+        try:
+            result = register.nonrigid(coarse[0], coarse[1], moving_label=coarse[0], fixed_label=coarse[1],
+                                       regulariser_weight=weight, **REGISTRATION, **point_options)
+        except ValueError as err:  # points outside the grid
+            raise DataError(f"motion {name}: {err}") from err
         ddf = spatial.resize_ddf(result.ddf, grid).numpy()[0]
         folding = metrics.folding_fraction(ddf)
         if folding == 0:
             break
     else:
         raise DataError(f"motion {name}: the registered displacement folds ({folding:.2e} of the voxels) "
-                        f"with every regulariser weight in {REGULARISER_WEIGHTS}")
+                        f"with every regulariser weight in {weights}")
     warped = spatial.warp(moving[None], ddf[None]).numpy()[0]
     magnitude = np.linalg.norm(ddf * np.asarray(spacing), axis=-1)[fixed > 0.5]
     stats = dict(
@@ -306,19 +386,82 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
         field_of_view_slices=[z0, z1],
         regulariser_weight=weight,
     )
+    if pairs is not None:
+        error = _point_error(ddf, target_points[held], source_points[held], spacing)
+        initial = np.linalg.norm((target_points[held] - source_points[held]) * np.asarray(spacing), axis=-1)
+        stats.update(points_fitted=len(fitted), points_held_out=len(held), **_summary_mm(error, "held_out_mm"),
+                     **_summary_mm(initial, "initial_mm"))
+        if error.mean() > MAX_HELD_OUT_MM:
+            raise DataError(f"motion {name}: the fitted motion misses the held-out keypoints by {error.mean():.1f} mm "
+                            f"on average (initially {initial.mean():.1f} mm; at most {MAX_HELD_OUT_MM:g} mm accepted)")
+    stats["seconds"] = round(time.perf_counter() - start, 1)
     src_lo, src_hi = _bbox_mm(a, s)
     return Motion(name, source, ddf, origin, src_lo, src_hi, fixed > 0.5, stats)
 
 
+def landmark_motion(source_points, target_points, landmark_spacing, name: str, source: str,
+                    grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING) -> Motion:
+    """A breathing motion from state `source` without masks: the thin-plate spline through landmark pairs.
+
+    source_points, target_points: `[N, 3]` voxels (z, y, x) of a grid of `landmark_spacing` mm
+    (z, y, x), row n one landmark at `source` and at the other state (DIR-Lab 4D-CT). The lungs'
+    bounding box is the target landmarks' grown by `LANDMARK_MARGIN_MM`; the spline
+    (`landmarks.tps_displacement`, fitted in mm) maps each grid point at the other state to its
+    place at `source`. `stats`: the held-out error (`HELD_OUT` of the pairs left out of a
+    second fit) and initial distance in mm, the displacement in mm inside the box's ellipsoid,
+    the folded fraction, the seconds. Raises DataError naming the motion if the points are not
+    usable pairs, the box does not fit in the grid, the spline folds, or the held-out error's
+    mean exceeds `MAX_HELD_OUT_MM`.
+    """
+    start = time.perf_counter()
+    s = np.asarray(landmark_spacing, np.float64)
+    try:
+        source_mm, target_mm = (landmarks._points(n, p) * s for n, p in (("source", source_points),
+                                                                          ("target", target_points)))
+        if source_mm.shape != target_mm.shape:
+            raise ValueError(f"{len(source_mm)} and {len(target_mm)} landmarks do not pair up")
+        held, fitted = _held_out_split(len(target_mm))
+        predicted = target_mm[held] + landmarks.tps_displacement(target_mm[fitted], source_mm[fitted], target_mm[held])
+    except ValueError as err:
+        raise DataError(f"motion {name}: {err}") from err
+    error = np.linalg.norm(predicted - source_mm[held], axis=-1)
+    initial = np.linalg.norm(target_mm[held] - source_mm[held], axis=-1)
+    if error.mean() > MAX_HELD_OUT_MM:
+        raise DataError(f"motion {name}: a thin-plate spline through the other landmarks misses the held-out ones by "
+                        f"{error.mean():.1f} mm on average (at most {MAX_HELD_OUT_MM:g} mm accepted)")
+    margin = np.asarray(LANDMARK_MARGIN_MM)
+    lo, hi = target_mm.min(axis=0) - margin, target_mm.max(axis=0) + margin
+    _check_fits(lo, hi, f"motion {name}", grid, spacing)
+    origin = (lo + hi) / 2 - (np.asarray(grid) - 1) / 2 * np.asarray(spacing)
+    points = _grid_mm(origin, grid, spacing).reshape(-1, 3)
+    ddf = (landmarks.tps_displacement(target_mm, source_mm, points) / np.asarray(spacing))
+    ddf = ddf.reshape(*grid, 3).astype(np.float32)
+    folding = metrics.folding_fraction(ddf)
+    if folding > 0:
+        raise DataError(f"motion {name}: the thin-plate spline through the landmarks folds ({folding:.2e} of the voxels)")
+    in_lungs = np.sum(((points - (lo + hi) / 2) / ((hi - lo) / 2)) ** 2, axis=-1).reshape(grid) <= 1
+    magnitude = np.linalg.norm(ddf * np.asarray(spacing), axis=-1)[in_lungs]
+    stats = dict(points_fitted=len(fitted), points_held_out=len(held), **_summary_mm(error, "held_out_mm"),
+                 **_summary_mm(initial, "initial_mm"), mm_mean=round(float(magnitude.mean()), 2),
+                 mm_p95=round(float(np.percentile(magnitude, 95)), 2), folding_fraction=folding,
+                 seconds=round(time.perf_counter() - start, 1))
+    src_lo, src_hi = source_mm.min(axis=0) - margin, source_mm.max(axis=0) + margin
+    return Motion(name, source, ddf, origin, src_lo, src_hi, None, stats, points=source_mm)
+
+
 def breathing_motions(masks: Pair, name: str, states=("expiration", "inspiration"), grid=presets.LUNG_GRID,
-                      spacing=presets.LUNG_SPACING) -> list[Motion]:
+                      spacing=presets.LUNG_SPACING, points=None) -> list[Motion]:
     """One patient's motions (`estimate_motion`) from its lung masks, `masks.moving` at
     expiration and `masks.fixed` at inspiration: one from each of `states` to the other,
-    named `{name}_exp2ins` and `{name}_ins2exp`."""
+    named `{name}_exp2ins` and `{name}_ins2exp`. points: optional keypoints (inspiration,
+    expiration) `[N, 3]` voxels (z, y, x) on the masks' grid, as `data.read_keypoints` gives them."""
     volumes = {"expiration": masks.moving, "inspiration": masks.fixed}
     other = {"expiration": "inspiration", "inspiration": "expiration"}
+    by_state = None if points is None else {"inspiration": points[0], "expiration": points[1]}
     return [estimate_motion(volumes[state], volumes[other[state]], f"{name}_{state[:3]}2{other[state][:3]}",
-                            state, grid, spacing) for state in states]
+                            state, grid, spacing,
+                            pairs=None if points is None else (by_state[state], by_state[other[state]]))
+            for state in states]
 
 
 def _jacobian(ddf: np.ndarray) -> np.ndarray:
@@ -354,6 +497,13 @@ def make_pair(source: Source, motion: Motion, name: str, grid=presets.LUNG_GRID,
     points = _grid_mm(origin, grid, spacing)
     scale = (motion.hi - motion.lo) / np.maximum(source.hi - source.lo, 1e-6)
     in_motion = (motion.lo + (points - source.lo) * scale - motion.origin) / spacing  # motion voxels
+    if motion.points is not None:  # landmarks mapped onto the CT must lie in its lungs
+        inside = float(_sample(source.lung, source.lung_spacing, source.lo + (motion.points - motion.lo) / scale,
+                               order=0).mean())
+        if inside < INSIDE_FRACTION:
+            raise DataError(f"{name}: only {inside:.0%} of motion {motion.name}'s landmarks fall inside the lungs of "
+                            f"CT {source.name} once mapped onto it (at least {INSIDE_FRACTION:.0%} expected); check "
+                            "the landmark spacing and the CT's lung mask")
     ddf = np.stack([_sample(motion.ddf[..., i], 1.0, in_motion, mode="nearest") for i in range(3)], -1) / scale
     ddf = (np.round(ddf * 256) / 256).astype(np.float32)  # exact in float32, compresses well
     folding = metrics.folding_fraction(ddf)
@@ -383,7 +533,7 @@ def make_pair(source: Source, motion: Motion, name: str, grid=presets.LUNG_GRID,
                  mm_max=round(float(magnitude.max()), 2),
                  moving_lung_litres=round(float(labels[0].sum() * np.prod(spacing) / 1e6), 3),
                  fixed_lung_litres=round(float(labels[1].sum() * np.prod(spacing) / 1e6), 3))
-    if motion.name.startswith(f"{source.name}_"):  # the CT's own motion: compare with its real mask
+    if motion.target_lung is not None and motion.name.startswith(f"{source.name}_"):  # the CT's own motion
         real_target = _sample(motion.target_lung.astype(np.float32), 1.0, in_motion) > 0.5
         stats["fixed_label_dice_with_real_mask"] = round(metrics.dice(labels[1], real_target), 4)
     volumes = [Volume(np.round(image).astype(np.int16).astype(np.float32), tuple(float(s) for s in spacing),
@@ -402,7 +552,8 @@ def _digest(paths) -> str:
 
 
 def build(out=None, splits=("train", "test"), grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING, seed: int = 0, ct=None,
-          masks=None, ct_state: str = "inspiration", force: bool = False, progress: bool = True) -> Path:
+          masks=None, ct_state: str = "inspiration", force: bool = False, progress: bool = True, keypoints=None,
+          landmarks=None, landmark_spacing=None) -> Path:
     """Build the paired lung CT dataset (see the module docstring) and return its root folder.
 
     out: the root (default `data_dir() / "lung_ct"`, or `"lung_ct_custom"` with `ct`).
@@ -413,23 +564,44 @@ def build(out=None, splits=("train", "test"), grid=presets.LUNG_GRID, spacing=pr
     grid: (D, H, W) voxels; spacing: (z, y, x) mm; seed: the grid shifts.
     ct, masks, ct_state: a user's own chest CT (NIfTI or NRRD file, or DICOM folder) at breathing
     `ct_state`, and the paths of one patient's (expiration, inspiration) lung masks on one grid:
-    the pair made from them is the split "test".
+    the pair made from them is the split "test". keypoints: with masks, a corrField keypoint file
+    on the masks' grid (`data.read_keypoints`: Learn2Reg `.csv`, COPD `.dat`; which columns are
+    which state is told by the masks), fitted with them (`estimate_motion`). Instead of masks,
+    landmarks: a DIR-Lab MATLAB file (`data.read_landmarks`) with landmark_spacing, its voxel
+    size in mm in the file's order (y, x, z): the motion is their thin-plate spline (`landmark_motion`).
     Raises DataError if a split folder was not made here, or if an input is not usable (naming it).
     """
     grid, spacing = tuple(int(n) for n in grid), tuple(float(s) for s in spacing)
     params = dict(version=VERSION, grid=list(grid), spacing=list(spacing), seed=int(seed), jitter_mm=JITTER_MM,
                   cut_fraction=CUT_FRACTION, registration=REGISTRATION, regulariser_weights=REGULARISER_WEIGHTS)
-    if (ct is None) != (masks is None):
-        raise ValueError("give ct and masks together (your chest CT and one patient's expiration and inspiration "
-                         "lung masks), or neither for the course's dataset")
+    if keypoints is not None and masks is None:
+        raise ValueError("keypoints go with masks: give masks=(expiration mask, inspiration mask) on the keypoints' grid")
+    if masks is not None and landmarks is not None:
+        raise ValueError("give masks (and keypoints) or landmarks, not both: each makes the motion")
+    if (landmarks is None) != (landmark_spacing is None):
+        raise ValueError("give landmarks with landmark_spacing, the voxel size of their grid in mm (y, x, z, the "
+                         "file's order), or neither")
+    if (ct is None) == (masks is not None or landmarks is not None):
+        raise ValueError("give ct and masks (or landmarks) together (your chest CT and one patient's expiration and "
+                         "inspiration lung masks or landmarks), or neither for the course's dataset")
     if ct is not None:
-        if len(masks) != 2 or ct_state not in ("expiration", "inspiration"):
+        if (masks is not None and len(masks) != 2) or ct_state not in ("expiration", "inspiration"):
             raise ValueError("with ct, give masks=(expiration mask, inspiration mask) and ct_state "
                              "'expiration' or 'inspiration'")
-        missing = [str(p) for p in (ct, *masks) if not Path(p).exists()]
+        if landmark_spacing is not None:
+            landmark_spacing = tuple(float(v) for v in landmark_spacing)
+            if len(landmark_spacing) != 3 or not all(np.isfinite(landmark_spacing)) or min(landmark_spacing) <= 0:
+                raise ValueError(f"landmark_spacing must be 3 positive voxel sizes in mm (y, x, z), got {landmark_spacing}")
+        inputs = [ct, *(masks or ()), *(p for p in (keypoints, landmarks) if p is not None)]
+        missing = [str(p) for p in inputs if not Path(p).exists()]
         if missing:
             raise DataError(f"not found: {', '.join(missing)}")
-        params.update(ct_state=ct_state, inputs=_digest([ct, *masks]))
+        params.update(ct_state=ct_state, inputs=_digest(inputs))
+        if keypoints is not None:
+            params.update(point_weight=POINT_WEIGHT, point_regulariser_weights=POINT_REGULARISER_WEIGHTS,
+                          held_out=HELD_OUT)
+        if landmarks is not None:
+            params.update(landmark_spacing=list(landmark_spacing), landmark_margin_mm=list(LANDMARK_MARGIN_MM))
         splits = ("test",)
     unknown = [split for split in splits if split not in MOTIONS]
     if unknown:
@@ -444,8 +616,10 @@ def build(out=None, splits=("train", "test"), grid=presets.LUNG_GRID, spacing=pr
         _check_replaceable(root / split, split in record["splits"])
     root.mkdir(parents=True, exist_ok=True)
     for split in todo:
-        record["splits"][split] = dict(parameters=params, **_build_split(root, split, grid, spacing, seed, ct,
-                                                                          masks, ct_state, progress))
+        user = None if ct is None else dict(ct=ct, ct_state=ct_state, masks=masks, keypoints=keypoints,
+                                             landmarks=landmarks, landmark_spacing=landmark_spacing)
+        record["splits"][split] = dict(parameters=params, **_build_split(root, split, grid, spacing, seed, user,
+                                                                          progress))
         record["parameters"] = params
         write_atomic(record_path, json.dumps(record, indent=1))
     return root
@@ -472,17 +646,19 @@ def _check_replaceable(folder: Path, recorded: bool) -> None:
                     "left as it is; give another output folder (--out DIR) or move it away")
 
 
-def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct_state, progress) -> dict:
+def _build_split(root: Path, split: str, grid, spacing, seed: int, user, progress) -> dict:
     """Build one split into a temporary folder that then replaces `root / split`; return its statistics.
 
-    Raises DataError naming the CT (its path, for `ct`) if its lungs fail `check_lungs`."""
-    if ct is not None:
-        cts = [(Path(ct).name, lambda: read_volume(Path(ct)), ct_state, str(ct))]
-        motions = [("user_masks", lambda: Pair(*(_read_mask(Path(m)) for m in masks)))]
+    user: None for the course's dataset, else `build`'s ct, ct_state, masks, keypoints, landmarks and
+    landmark_spacing. Raises DataError naming the CT (its path, for a user's) if its lungs fail `check_lungs`."""
+    if user is not None:
+        ct = user["ct"]
+        cts = [(Path(ct).name, lambda: read_volume(Path(ct)), user["ct_state"], str(ct))]
+        motions = [_user_motion(user, grid, spacing)]
     else:
         cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
-        motions = [(f"l2r_case{case:03d}", lambda s=s, c=case: load("lung_masks", case=c, split=s))
-                   for s, case in MOTIONS[split]]
+        motions = [(f"l2r_case{case:03d}", lambda states, s=s, c=case: breathing_motions(
+            load("lung_masks", case=c, split=s), f"l2r_case{c:03d}", states, grid, spacing)) for s, case in MOTIONS[split]]
     n_pairs = len(cts) * len(motions)
     bar = tqdm(total=len(cts) + 2 * len(motions) + n_pairs, desc=f"lung CT {split}", disable=not progress)
     sources = []
@@ -492,8 +668,8 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, ct, masks, ct
         bar.update()
     states = [state for state in ("expiration", "inspiration") if any(s.state == state for s in sources)]
     estimated = []
-    for name, loader in motions:
-        estimated += breathing_motions(loader(), name, states, grid, spacing)
+    for _, motions_of in motions:
+        estimated += motions_of(states)
         bar.update(2)
     work = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
@@ -526,3 +702,42 @@ def _read_mask(path: Path) -> Volume:
     if not volume.labels.any():
         raise DataError(f"{path}: the lung mask is empty (no voxel > 0); give a mask with the lungs set to 1")
     return volume
+
+
+def _user_motion(user: dict, grid, spacing):
+    """(name, function of the breathing states -> their Motions) for a user's masks (and keypoints) or landmarks."""
+    if user["landmarks"] is not None:
+        path = Path(user["landmarks"])
+        inspiration, expiration = read_landmarks(path)
+        y, x, z = user["landmark_spacing"]
+        by_state = {"inspiration": inspiration, "expiration": expiration}
+        other = {"expiration": "inspiration", "inspiration": "expiration"}
+        return "user_landmarks", lambda states: [
+            landmark_motion(by_state[state], by_state[other[state]], (z, y, x),
+                            f"user_landmarks_{state[:3]}2{other[state][:3]} ({path.name})", state, grid, spacing)
+            for state in states]
+    masks = Pair(*(_read_mask(Path(m)) for m in user["masks"]))
+    points = None if user["keypoints"] is None else _read_user_keypoints(Path(user["keypoints"]),
+                                                                          Path(user["masks"][0]), masks)
+    return "user_masks", lambda states: breathing_motions(masks, "user_masks", states, grid, spacing, points)
+
+
+def _read_user_keypoints(path: Path, expiration_mask: Path, masks: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """A corrField keypoint file on the masks' grid: (inspiration, expiration) `[N, 3]` voxels (z, y, x).
+
+    Points are put on the masks' arrays with the NIfTI mask's affine (`data.read_keypoints`); the
+    columns holding expiration are those more often inside the expiration mask (a point lies inside
+    the lungs of its own state, and the expiration lungs are the smaller)."""
+    nifti = expiration_mask.name.endswith((".nii", ".nii.gz"))
+    stored = read_nifti(expiration_mask) if nifti else None
+    inspiration, expiration = read_keypoints(path, affine=None if stored is None else stored[1],
+                                             shape=None if stored is None else stored[0].shape)
+    mask = masks.moving.labels[..., 0] > 0
+    both = np.concatenate([inspiration, expiration])
+    if len(both) == 0 or np.any(both < 0) or np.any(both > np.asarray(mask.shape) - 1):
+        raise DataError(f"{path}: keypoints outside the masks' grid {list(mask.shape)} (z, y, x voxels); "
+                        "give the keypoints of these masks")
+
+    def inside(points):
+        return mask[tuple(np.round(points).astype(int).T)].mean()
+    return (expiration, inspiration) if inside(inspiration) > inside(expiration) else (inspiration, expiration)

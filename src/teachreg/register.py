@@ -3,9 +3,10 @@
 - `affine(moving, fixed)` fits 12 affine parameters;
 - `nonrigid(moving, fixed)` fits a dense deformation ("ddf": a displacement per voxel, "bspline":
   B-spline control points, "svf": a stationary velocity field), coarse to fine on an image
-  pyramid, optionally driven by labels too and started from an affine `Result`.
+  pyramid, optionally driven by labels too and started from an affine `Result`;
+- `demons(moving, fixed)`: Thirion's demons, additive or diffeomorphic, coarse to fine.
 
-Both return a `Result`: its `ddf` `[1, D, H, W, 3]` (voxels, on the fixed grid) maps the fixed grid
+All return a `Result`: its `ddf` `[1, D, H, W, 3]` (voxels, on the fixed grid) maps the fixed grid
 into the moving image, so `result.warp(moving)` resembles `fixed`; it also holds the loss history
 and the time taken.
 """
@@ -13,6 +14,7 @@ and the time taken.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ import tensorflow as tf
 
 from teachreg import _validate, losses, spatial
 
-__all__ = ["Callback", "Result", "affine", "intensity_window", "nonrigid"]
+__all__ = ["Callback", "Result", "affine", "demons", "intensity_window", "nonrigid"]
 
 Callback = Callable[[int, int, float], None]
 """Called as `callback(level, step, loss)` after every optimisation step (for live plots)."""
@@ -265,6 +267,118 @@ def _decaying(learning_rate: float, steps: int):
     return keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1), alpha=0.01)
 
 
+def demons(
+    moving,
+    fixed,
+    levels: int = 3,
+    steps: int | tuple[int, ...] = (30, 30, 30),
+    field_sigma: float = 1.5,
+    update_sigma: float = 0.0,
+    diffeomorphic: bool = False,
+    gradient: str | None = None,
+    max_step: float = 0.5,
+    window: str = "each",
+    callback: Callback | None = None,
+) -> Result:
+    """Thirion's demons: a dense deformation mapping `fixed` voxels into `moving`, coarse to fine.
+
+    moving, fixed: `[D, H, W]` or `[1, D, H, W]` of one shape. Demons compare intensities
+    directly, so the scans should share a contrast: `window="each"` maps each to [0, 1] by its own
+    1st-99th percentile window, clipped (as `nonrigid`: two subjects or scanners), "shared" maps
+    both by the fixed image's window (as `affine`: one scanner, where a deformation changes the
+    percentiles but not the intensities). What demons optimise: the sum of squared differences (SSD)
+    between `fixed` and the warped `moving`, by a gradient-like step with a per-voxel adaptive
+    step size. At each voxel the update is `u = d * g / (|g|^2 + d^2 / (4 max_step^2))`, with
+    `d = fixed - warped` the intensity difference and `g` an image gradient: the optical-flow
+    step, normalised by the intensity difference so that no voxel moves more than `max_step`
+    (voxels) per step, Thirion's "Maxwell's demons" (1998). The field is then smoothed by a
+    Gaussian of `field_sigma` voxels ("diffusion-like" regularisation; 0 turns it off), and,
+    with `update_sigma` > 0, the update is smoothed first ("fluid-like").
+    `diffeomorphic=False`: the update is added to the field (ITK's `DemonsRegistrationFilter`);
+    `True`: it is exponentiated by scaling and squaring and composed with the field, so that the
+    transform stays invertible (diffeomorphic demons, Vercauteren et al. 2009; ITK's
+    `DiffeomorphicDemonsRegistrationFilter`). `gradient`: "fixed" (Thirion's, the fixed image's
+    gradient), "symmetric" (the mean of the fixed and the warped moving gradients: the ESM
+    step, which lowers SSD faster), or None: "fixed" for additive and "symmetric" for
+    diffeomorphic demons, as ITK's filters. Steps are skipped where `|d| < 0.001` or where the
+    sample lies outside the moving image.
+    `levels` pyramid levels (each halving the grid), coarse to fine, `steps` per level (one
+    number or one per level); each level starts from the previous level's field. One step is
+    compiled by XLA once per option set and grid size and kept for the session.
+    Returns a `Result`: `ddf` `[1, D, H, W, 3]` (voxels, on the fixed grid; pulls as every
+    teachreg DDF), `history` the mean squared intensity difference (of the windowed images,
+    over the voxels sampled inside the moving image) before each step, `levels`, `seconds`.
+    `callback(level, step, msd)` as in `nonrigid`.
+    """
+    _validate.whole_number("levels", levels, 1)
+    steps = _per_level(steps, levels)
+    _validate.real_number("field_sigma", field_sigma, 0)
+    _validate.real_number("update_sigma", update_sigma, 0)
+    _validate.real_number("max_step", max_step, 0, strict=True)
+    if not isinstance(diffeomorphic, (bool, np.bool_)):
+        raise ValueError(f"diffeomorphic must be True or False, got {diffeomorphic!r}.")
+    if gradient not in (None, "fixed", "symmetric"):
+        raise ValueError(f"gradient must be 'fixed', 'symmetric' or None, got {gradient!r}.")
+    gradient = gradient or ("symmetric" if diffeomorphic else "fixed")
+    if window not in ("each", "shared"):
+        raise ValueError(f"window must be 'each' or 'shared', got {window!r}.")
+    moving_t, fixed_t = _pair(moving, fixed, levels, coarsest=2, window=window)
+    pyramid = list(_pyramid(moving_t, fixed_t, levels, 0.0))
+    step_fn = _demons_step(bool(diffeomorphic), gradient, float(field_sigma), float(update_sigma), float(max_step))
+    result = Result(ddf=tf.zeros([1, *fixed_t.shape[1:4], 3]))
+    ddf = None
+    start, paused = time.perf_counter(), 0.0
+    for level, (moving_l, fixed_l) in enumerate(pyramid):
+        level_shape = tuple(fixed_l.shape[1:4])
+        ddf = tf.zeros([1, *level_shape, 3]) if ddf is None else spatial.resize_ddf(ddf, level_shape)
+        fixed_gradient = spatial.spatial_gradient(fixed_l)[..., 0, :]  # [1, D, H, W, 3], once per level
+        for step in range(steps[level]):
+            ddf, msd = step_fn(ddf, moving_l, fixed_l, fixed_gradient)
+            value = float(msd)
+            result.history.append(value)
+            result.levels.append(level)
+            paused += _notify(callback, level, step, value)
+    result.seconds = time.perf_counter() - start - paused
+    result.ddf = ddf
+    return result
+
+
+@functools.cache
+def _demons_step(diffeomorphic: bool, gradient: str, field_sigma: float, update_sigma: float, max_step: float):
+    """One demons step `(ddf, moving, fixed, fixed_gradient) -> (new ddf, mean squared difference)`, by XLA.
+
+    One function per option set, kept for the session (XLA compiles it once per grid size).
+    Images `[1, D, H, W, 1]`, DDF and the fixed image's gradient `[1, D, H, W, 3]` (voxels of that grid).
+    """
+    # The exponential of an update of at most max_step voxels: ITK's rule for the number of squarings.
+    squarings = max(1, math.ceil(2 + math.log2(max_step)))
+
+    @tf.function(jit_compile=True)
+    def step(ddf, moving, fixed, fixed_gradient):
+        grid = spatial.reference_grid_like(fixed)[None]
+        warped = spatial.resample(moving, grid + ddf)
+        inside = spatial.inside(grid + ddf, tf.shape(moving)[1:4])[..., None]
+        difference = fixed - warped
+        msd = tf.reduce_sum(tf.square(difference) * inside) / tf.maximum(tf.reduce_sum(inside), 1.0)
+        g = fixed_gradient
+        if gradient == "symmetric":
+            g = 0.5 * (g + spatial.spatial_gradient(warped)[..., 0, :])
+        denominator = tf.reduce_sum(tf.square(g), axis=-1, keepdims=True) + tf.square(difference) / (4 * max_step**2)
+        active = (tf.abs(difference) >= 1e-3) & (denominator > 1e-9)
+        update = tf.where(active, difference * g / tf.where(active, denominator, 1.0), 0.0) * inside
+        if update_sigma > 0:
+            update = spatial.smooth(update, update_sigma)
+        if diffeomorphic:
+            ddf = spatial.compose_ddf(ddf, spatial.svf_to_ddf(update, steps=squarings))
+        else:
+            ddf = ddf + update
+        if field_sigma > 0:
+            ddf = spatial.smooth(ddf, field_sigma)
+        return ddf, msd
+
+    return step
+
+
 def nonrigid(
     moving,
     fixed,
@@ -276,6 +390,9 @@ def nonrigid(
     moving_label=None,
     fixed_label=None,
     label_weight: float = 0.0,
+    fixed_points=None,
+    moving_points=None,
+    point_weight: float = 0.0,
     initial: Result | None = None,
     learning_rate: float = 0.1,
     levels: int = 3,
@@ -290,7 +407,11 @@ def nonrigid(
     The objective is `loss(fixed, warped)` (a name in `losses.IMAGE_LOSSES`, counted only where
     the sample lies inside the moving image) `+ regulariser_weight * regulariser(ddf)` (a name in
     `losses.REGULARISERS`, in voxel units of each level) `+ label_weight * dice_loss(fixed_label,
-    warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` in [0, 1] are given.
+    warped moving_label)` when labels `[D, H, W]` or `[D, H, W, L]` in [0, 1] are given
+    `+ point_weight * mean_i |f_i + ddf(f_i) - m_i|^2` when corresponding points `fixed_points` and
+    `moving_points` `[N, 3]` (voxels, z, y, x, on the fixed and moving grids, inside them) are given:
+    feature-based registration. The squared distance is in voxels of the given grid, the DDF
+    (including `initial`) sampled trilinearly at the fixed points; every level scales the points to its grid.
     `transform`: "ddf" (a free displacement per voxel, the tutorial's parameterisation), "bspline"
     (cubic B-spline control points every `grid_spacing` >= 1 voxels of the finest level) or "svf"
     (a stationary velocity field per voxel, integrated by scaling and squaring: diffeomorphic).
@@ -306,17 +427,21 @@ def nonrigid(
     _image_loss(loss)  # checks the name
     if (moving_label is None) != (fixed_label is None):
         raise ValueError("give both moving_label and fixed_label, or neither.")
+    if (moving_points is None) != (fixed_points is None) or (fixed_points is None and point_weight != 0):
+        raise ValueError("give both fixed_points and moving_points, or neither (and then no point_weight).")
     _validate.whole_number("levels", levels, 1)
     steps = _per_level(steps, levels)
     _validate.real_number("learning_rate", learning_rate, 0, strict=True)
     _validate.real_number("grid_spacing", grid_spacing, 1)  # voxels; finer control grids only cost memory
-    for name, value in (("regulariser_weight", regulariser_weight), ("label_weight", label_weight), ("tolerance", tolerance)):
+    for name, value in (("regulariser_weight", regulariser_weight), ("label_weight", label_weight),
+                        ("point_weight", point_weight), ("tolerance", tolerance)):
         _validate.real_number(name, value, 0)
     # The bending energy needs 3 voxels per axis, the gradient regularisers 2.
     moving_t, fixed_t = _pair(moving, fixed, levels, coarsest=3 if regulariser == "bending" else 2, window="each",
-                              constant_ok=moving_label is not None and label_weight > 0)
+                              constant_ok=(moving_label is not None and label_weight > 0) or point_weight > 0)
     shape = tuple(fixed_t.shape[1:4])
     labels = None if moving_label is None else _label_pair(moving_label, fixed_label, shape)
+    points = None if fixed_points is None else _point_pair(fixed_points, moving_points, shape)
     initial_ddf = None
     if initial is not None:  # register the affinely pre-warped image, compose at the end
         initial_ddf = _validate.ddf("initial.ddf", initial.ddf)
@@ -331,7 +456,7 @@ def nonrigid(
     # Without labels the images stand in for them; the label term is then left out of the objective.
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else pyramid
     weights = tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)
-    loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None)
+    loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None, points is not None)
     params = ddf = None
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start, paused = time.perf_counter(), 0.0
@@ -341,9 +466,15 @@ def nonrigid(
         params, bases = _level_start(transform, params, ddf, tuple(fixed_l.shape[1:4]), shape,
                                      grid_spacing * 2 ** (levels - 1 - level))
         optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
+        point_terms = None
+        if points is not None:  # the fixed points on this level's grid; moved points are compared in the given grid
+            scale = (np.asarray(shape) - 1) / np.maximum(np.asarray(fixed_l.shape[1:4]) - 1, 1)
+            point_terms = (tf.constant(points[0][None] / scale, tf.float32), tf.constant(points[1][None], tf.float32),
+                           tf.constant(scale, tf.float32), initial_ddf, tf.constant(point_weight, tf.float32))
         recent: list[float] = []
         for step in range(steps[level]):
-            value, grads = loss_and_grads(tf.convert_to_tensor(params), bases, moving_l, fixed_l, mlabel_l, flabel_l, *weights)
+            value, grads = loss_and_grads(tf.convert_to_tensor(params), bases, moving_l, fixed_l, mlabel_l, flabel_l,
+                                          *weights, point_terms)
             optimizer.apply([grads], [params])
             value = float(value)
             result.history.append(value)
@@ -394,16 +525,20 @@ def _to_ddf(transform: str, params, bases=None) -> tf.Tensor:
 
 
 @functools.cache
-def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_labels: bool):
+def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_labels: bool, use_points: bool = False):
     """The nonrigid objective and its gradient with respect to the parameters, compiled by XLA.
 
     One function per combination of options, kept for the session: a later registration with
     the same options and image size reuses the compiled code instead of compiling it again.
+    With `use_points`, `points` is (fixed points `[1, N, 3]` in this level's voxels, moving points
+    `[1, N, 3]` and level-to-given-grid `scale` `[3]`, the initial DDF `[1, D, H, W, 3]` on the
+    given grid or None, the weight), else None.
     """
     loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], losses.REGULARISERS[regulariser]
 
     @tf.function(jit_compile=True)
-    def loss_and_grads(params, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight):
+    def loss_and_grads(params, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight,
+                       points):
         with tf.GradientTape() as tape:
             tape.watch(params)
             ddf = _to_ddf(transform, params, bases)
@@ -413,6 +548,12 @@ def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_la
             value += regulariser_weight * regulariser_fn(ddf)
             if use_labels:
                 value += label_weight * losses.dice_loss(fixed_label, spatial.resample(moving_label, grid + ddf))
+            if use_points:
+                fixed_points, moving_points, scale, initial, point_weight = points
+                moved = (fixed_points + spatial.resample(ddf, fixed_points)) * scale  # voxels of the given grid
+                if initial is not None:
+                    moved += spatial.resample(initial, moved)
+                value += point_weight * tf.reduce_mean(tf.reduce_sum(tf.square(moved - moving_points), axis=-1))
         return value, tape.gradient(value, params)
 
     return loss_and_grads
@@ -432,4 +573,23 @@ def _label_pair(moving_label, fixed_label, shape) -> tuple[tf.Tensor, tf.Tensor]
         if low < -1e-4 or high > 1 + 1e-4:  # the margin lets interpolated masks (1.0000001) through
             raise ValueError(f"{name} must hold values in [0, 1] (a mask or probabilities), got values from {low:g} to "
                              f"{high:g}; rescale it (divide a 0/255 mask by 255).")
+    return out[0], out[1]
+
+
+def _point_pair(fixed_points, moving_points, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Corresponding points `[N, 3]` (voxels, z, y, x) inside a grid of `shape`, as float64 arrays."""
+    out = []
+    for name, value in (("fixed_points", fixed_points), ("moving_points", moving_points)):
+        array = np.asarray(value, np.float64)
+        if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
+            raise ValueError(f"{name} must be voxel coordinates [N, 3] (z, y, x), N >= 1, got shape {array.shape}.")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or infinite values; expected voxel coordinates [N, 3].")
+        outside = np.nonzero(np.any((array < 0) | (array > np.asarray(shape) - 1), axis=1))[0]
+        if outside.size:
+            raise ValueError(f"{name}: {outside.size} of {len(array)} points lie outside the grid {list(shape)} "
+                             f"(voxels 0 to size - 1), e.g. point {outside[0]} at {array[outside[0]].round(2).tolist()}.")
+        out.append(array)
+    if len(out[0]) != len(out[1]):
+        raise ValueError(f"fixed_points and moving_points must pair up: got {len(out[0])} and {len(out[1])} points.")
     return out[0], out[1]

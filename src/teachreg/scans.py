@@ -29,11 +29,15 @@ import tensorflow as tf
 
 from teachreg import files, io, metrics, network, presets, register, spatial
 
-__all__ = ["METHODS", "AFFINE", "OUTPUTS", "Progress", "resample", "register_files", "warp_file", "warp_points"]
+__all__ = ["METHODS", "AFFINE", "DEMONS", "OUTPUTS", "Progress", "resample", "register_files", "warp_file", "warp_points"]
 
-METHODS = ("bspline", "ddf", "svf", "network")
+METHODS = ("bspline", "ddf", "svf", "demons", "network")
 """`register_files`'s nonrigid methods: the three transforms of `register.nonrigid` (with
-`presets.PROSTATE_NONRIGID`'s settings, chapter 4's) and the pretrained lung CT network."""
+`presets.PROSTATE_NONRIGID`'s settings, chapter 4's), `register.demons` (with `DEMONS`: it compares
+intensities directly, so both scans should share a contrast) and the pretrained lung CT network."""
+
+DEMONS = dict(diffeomorphic=True, levels=3, steps=(30, 30, 30))
+"""`register.demons`'s options for `method="demons"`: diffeomorphic demons (no folding), 3 levels."""
 
 AFFINE = dict(loss="ncc", steps=(150, 100, 50))
 """`register.affine`'s options before the nonrigid step: NCC copes with two scanners' intensity scales."""
@@ -164,7 +168,8 @@ def register_files(moving, fixed, out, method: str = "bspline", moving_label=Non
     pair = [resample(image if grid is fixed_image else _smoothed(image, grid), grid, outside=_minimum(image))
             for image in (moving_image, fixed_image)]
 
-    nonrigid = {} if method == "network" else dict(presets.PROSTATE_NONRIGID, transform=method)
+    nonrigid = ({} if method == "network" else dict(DEMONS) if method == "demons"
+                else dict(presets.PROSTATE_NONRIGID, transform=method))
     total = (sum(AFFINE["steps"]) if affine else 0) + (sum(nonrigid["steps"]) if nonrigid else 1)
     initial = register.affine(*pair, **AFFINE, callback=_counter(progress, "affine", 0, total)) if affine else None
     done = sum(AFFINE["steps"]) if affine else 0
@@ -174,6 +179,10 @@ def register_files(moving, fixed, out, method: str = "bspline", moving_label=Non
         ddf = ddf if initial is None else spatial.compose_ddf(initial.ddf, ddf)
         if progress is not None:
             progress("network", total, total, float("nan"))
+    elif method == "demons":  # no `initial` option: register the affinely moved image, then compose
+        moved = pair[0] if initial is None else initial.warp(pair[0])
+        ddf = register.demons(moved, pair[1], **nonrigid, callback=_counter(progress, method, done, total)).ddf
+        ddf = ddf if initial is None else spatial.compose_ddf(initial.ddf, ddf)
     else:
         ddf = register.nonrigid(*pair, **nonrigid, initial=initial,
                                 callback=_counter(progress, method, done, total)).ddf
