@@ -39,3 +39,23 @@ def test_show_jacobian_is_centred_on_one():
     assert ax.get_title() == "J"
     np.testing.assert_array_equal(image.get_array(), determinant)
     plt.close(fig)
+
+
+def test_show_jacobian_draws_folded_voxels_in_their_own_colour():
+    determinant = np.full((8, 8), 0.3)  # strong compression everywhere ...
+    determinant[2:4, 5:7] = -0.2  # ... and a fold
+    determinant[6, 1] = 0.0
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=80)
+    plots.show_jacobian(determinant, ax=ax, spread=0.5, extent=(0, 8, 8, 0))
+    ax.set_position((0, 0, 1, 1))
+    ax.axis("off")
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255.0  # 160 x 160, 20 pixels per voxel
+    voxel = lambda row, col: pixels[20 * row + 10, 20 * col + 10]  # noqa: E731
+    folded = np.asarray(to_rgba(plots.FOLDED_COLOUR)[:3])
+    for row, col in ((2, 5), (3, 6), (6, 1)):
+        np.testing.assert_allclose(voxel(row, col), folded, atol=0.02)
+    compressed = voxel(0, 0)
+    assert np.abs(compressed - folded).max() > 0.2  # compression keeps the map's own colour
+    np.testing.assert_allclose(compressed, plt.get_cmap("RdBu_r")(0.0)[:3], atol=0.02)  # 0.3 < 1 - 0.5: clipped
+    plt.close(fig)

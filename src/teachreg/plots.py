@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 
 __all__ = [
+    "FOLDED_COLOUR",
     "LABEL_COLOURS",
     "LiveLoss",
     "OKABE_ITO",
@@ -41,6 +42,8 @@ OKABE_ITO = {
 }
 LABEL_COLOURS = tuple(OKABE_ITO.values())
 """The colour of label channel `c` is `LABEL_COLOURS[c % 7]`: orange, sky blue, bluish green, ..."""
+FOLDED_COLOUR = OKABE_ITO["bluish_green"]
+"""The colour `show_jacobian` gives folded voxels (determinant <= 0): in no diverging map of red and blue."""
 OVERLAP_COLOURS = {
     "true positive": OKABE_ITO["bluish_green"],
     "false positive": OKABE_ITO["orange"],
@@ -90,11 +93,16 @@ def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: s
     """Show a slice `[H, W]` of a Jacobian determinant map in a diverging colour map centred on 1.
 
     `determinant`: a slice of `spatial.jacobian_determinant(ddf)[0]` (no unit: a volume ratio).
-    Colours run from `1 - spread` (compression; 0 and below: folding) to `1 + spread`
-    (expansion). `kwargs` (`extent`, ...) go to `ax.imshow`. Returns the image, for a colour bar.
+    Colours run from `1 - spread` (compression) to `1 + spread` (expansion); folded voxels
+    (determinant <= 0) are drawn on top in `FOLDED_COLOUR`, so that they stand out from strong
+    compression. `kwargs` (`extent`, ...) go to `ax.imshow`. Returns the determinant's image,
+    for a colour bar.
     """
     ax = ax or plt.gca()
     image = ax.imshow(determinant, cmap=cmap, vmin=1 - spread, vmax=1 + spread, **kwargs)
+    folded = np.ma.masked_where(np.asarray(determinant) > 0, np.ones(np.shape(determinant)))
+    ax.imshow(folded, cmap=ListedColormap([FOLDED_COLOUR]), vmin=0, vmax=1, interpolation="nearest",
+              **{k: v for k, v in kwargs.items() if k in ("extent", "aspect", "origin")})
     ax.set_title(title)
     return image
 
