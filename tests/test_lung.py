@@ -156,6 +156,20 @@ def test_a_made_pair_is_the_pair_read_back_once_written(tmp_path):
     np.testing.assert_array_equal(read.ddf, made.ddf)
 
 
+def test_a_written_ddf_pairs_each_component_with_its_stored_axis(tmp_path):
+    # Files are stored (x, y, z) as DeepReg and nibabel read them: the components must follow.
+    shape = (4, 5, 6)
+    ddf = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
+    ddf *= np.array([1.0, 10.0, 100.0], np.float32)  # z, 10 y, 100 x: each component names its axis
+    volume = data.Volume(np.zeros(shape, np.float32), (1.0, 1.0, 1.0), None, (), "v")
+    data.write_pair(data.Pair(volume, volume, ddf=ddf, name="case"), tmp_path / "test", "case_001")
+    stored = np.asarray(nib.load(tmp_path / "test" / "ddfs" / "case_001.nii.gz").dataobj)
+    assert stored.shape == (6, 5, 4, 3)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in stored.shape[:3]], indexing="ij")
+    np.testing.assert_array_equal(stored, np.stack([100.0 * x, 10.0 * y, z], -1))
+    np.testing.assert_array_equal(data.load_paired(tmp_path, "test")[0].ddf, ddf)
+
+
 def test_reads_learn2reg_in_deepreg_layout(tmp_path, inputs):
     """DeepReg's paired_ct_lung download: masks as they are, images rescaled and saved without an affine."""
     _, masks = inputs
@@ -427,3 +441,125 @@ def test_a_landmark_file_without_its_variables_is_named(tmp_path, inputs, capsys
                      "--landmark-spacing", "1", "1", "2.5", *TINY]) == 1
     assert f"{bad}: expected variables landmark_EE and landmark_EI" in capsys.readouterr().err
     assert not (tmp_path / "out" / "test").exists()
+
+
+# --- training pairs drawn afresh ---
+
+SMALL_GRID = dict(grid=(30, 30, 30), spacing=(2.0, 2.0, 2.0))
+
+
+def _textured(state: str, name: str = "phantom") -> lung.Source:
+    """A 48^3 CT of 2 mm voxels at breathing `state`: a lung box of 36 mm (-800 HU) in soft tissue
+    (40 HU), both with a smooth texture (+-40 HU), so that interpolation errs little."""
+    z, y, x = np.meshgrid(*[np.arange(48.0)] * 3, indexing="ij")
+    lungs = np.all([np.abs(g - 23.5) < 9 for g in (z, y, x)], axis=0)
+    image = np.where(lungs, -800.0, 40.0) + 20 * (np.sin(z / 3) + np.cos(y / 4) * np.sin(x / 5))
+    volume = data.Volume(image.astype(np.float32), (2.0, 2.0, 2.0), lungs[..., None].astype(np.uint8), ("lung",), name)
+    return lung.prepare_ct(volume, state, name, spacing=(2.0, 2.0, 2.0))
+
+
+def _breathing(source: lung.Source, name: str, stretch: float = 0.2) -> lung.Motion:
+    """A motion from `source`'s state on a 30^3 grid of 2 mm centred on its lungs: z scaled about their
+    centre (the lungs are larger at inspiration) and a 2 mm shift along y; its target lungs a box."""
+    grid = (30, 30, 30)
+    centre = (np.asarray(grid) - 1) / 2
+    ddf = np.zeros((*grid, 3), np.float32)
+    ddf[..., 0] = (stretch if source.state == "inspiration" else -stretch) * (np.arange(30) - centre[0])[:, None, None]
+    ddf[..., 1] = 1.0
+    lungs = np.all(np.abs(np.moveaxis(np.indices(grid), 0, -1) - centre) < 9, axis=-1)
+    return lung.Motion(name, source.state, ddf, (source.lo + source.hi) / 2 - centre * 2.0, source.lo, source.hi, lungs)
+
+
+def _parts() -> tuple[list[lung.Source], list[lung.Motion]]:
+    """Two training-like CTs, one per breathing state, and a motion from each state."""
+    sources = [_textured("expiration", "phantom_exp"), _textured("inspiration", "phantom_ins")]
+    return sources, [_breathing(s, f"phantom_{s.state[:3]}") for s in sources]
+
+
+@pytest.mark.parametrize("state", ["expiration", "inspiration"])
+def test_drawn_pairs_carry_an_exact_ground_truth(state):
+    sources, motions = _parts()
+    (pair,) = lung.draw_pairs([s for s in sources if s.state == state], motions, 1, seed=0, epoch=3, **SMALL_GRID)
+    moving, fixed, ddf = pair.moving, pair.fixed, pair.ddf
+    assert pair.name == "drawn/003_000" and ddf.shape == (30, 30, 30, 3) and metrics.folding_fraction(ddf) == 0
+    warped = spatial.warp(moving.image[None], ddf[None]).numpy()[0]
+    # make_pair scales the density in the lungs by the volume change (mass preservation): undo it.
+    lungs = fixed.labels[..., 0] > 0
+    jacobian = spatial.jacobian_determinant(ddf[None]).numpy()[0]
+    model = np.where(lungs, (warped - lung.HU_AIR) * jacobian + lung.HU_AIR, warped)
+    away = ndimage.binary_erosion(lungs, iterations=2) | ~ndimage.binary_dilation(lungs, iterations=2)
+    away[:4], away[-4:], away[:, :4], away[:, -4:], away[..., :4], away[..., -4:] = False, False, False, False, False, False
+    error = np.abs(model - fixed.image)[away]
+    unregistered = np.abs(moving.image - fixed.image)[away].mean()
+    assert error.mean() < 1.0 and error.max() < 10 and unregistered > 10, (error.mean(), error.max(), unregistered)
+    warped_lungs = spatial.warp(moving.labels[None].astype(np.float32), ddf[None], interpolation="nearest").numpy()[0]
+    differ = np.mean((warped_lungs[..., 0] > 0.5) != lungs)
+    assert differ < (1e-4 if state == "expiration" else 2e-3), differ  # exact when the real CT is the moving image
+
+
+def test_drawn_pairs_depend_on_the_seed_and_epoch_only():
+    sources, motions = _parts()
+    first = lung.draw_pairs(sources, motions, 3, seed=5, epoch=0, **SMALL_GRID)
+    again = lung.draw_pairs(sources, motions, 2, seed=5, epoch=0, **SMALL_GRID)  # pair i: (seed, epoch, i) alone
+    for a, b in zip(first, again):
+        for x, y in ((a.moving.image, b.moving.image), (a.fixed.image, b.fixed.image), (a.ddf, b.ddf),
+                     (a.moving.labels, b.moving.labels), (a.fixed.labels, b.fixed.labels)):
+            np.testing.assert_array_equal(x, y)
+    later = lung.draw_pairs(sources, motions, 3, seed=5, epoch=1, **SMALL_GRID)
+    other = lung.draw_pairs(sources, motions, 3, seed=6, epoch=0, **SMALL_GRID)
+    ddfs = [p.ddf for p in first + later + other]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(ddfs) for b in ddfs[i + 1:])  # never the same pair
+
+
+def test_varied_motions_never_fold_and_stay_in_their_ranges():
+    source = _textured("expiration")
+    motion = _breathing(source, "phantom_exp2ins")
+    for seed in range(20):
+        varied = lung.vary_motion(motion, np.random.default_rng(seed), spacing=(2.0, 2.0, 2.0))
+        assert metrics.folding_fraction(varied.ddf) == 0 and varied.source == motion.source
+        factor, largest = varied.stats["factor"], varied.stats["perturbation_mm"]
+        assert lung.AMPLITUDE[0] <= factor <= lung.AMPLITUDE[1] and 0 <= largest <= lung.PERTURBATION_MM
+        perturbation = np.linalg.norm((varied.ddf - factor * motion.ddf) * 2.0, axis=-1)  # mm
+        assert perturbation.max() == pytest.approx(largest, abs=0.01)
+        assert perturbation[motion.target_lung].mean() > perturbation[~motion.target_lung].mean()  # in the lungs mostly
+    steep = _breathing(source, "phantom_steep", stretch=0.8)  # scaled by more than 1.25, it folds
+    with pytest.raises(data.DataError, match=f"motion phantom_steep: all {lung.DRAW_TRIES} variants drawn fold"):
+        lung.vary_motion(steep, np.random.default_rng(0), spacing=(2.0, 2.0, 2.0), amplitude=(1.3, 1.5))
+
+
+@pytest.mark.parametrize("ct, motion", [("l2r_case001", "phantom_exp"), ("itkelastix", "phantom_exp"),
+                                        ("phantom_exp", "l2r_case011_exp2ins"), ("phantom_exp", "l2r_case001_exp2ins")])
+def test_drawn_pairs_refuse_the_test_splits_cts_and_motions(ct, motion):
+    source = _textured("expiration", ct)
+    leaked = ct if ct != "phantom_exp" else motion
+    with pytest.raises(ValueError, match=f"{leaked} belong to the test split"):
+        lung.draw_pairs([source], [_breathing(source, motion)], 1, seed=0, epoch=0, **SMALL_GRID)
+
+
+def test_drawn_pairs_need_a_motion_from_a_cts_state():
+    sources, motions = _parts()
+    with pytest.raises(ValueError, match="no motion starts at the breathing state of a CT"):
+        lung.draw_pairs(sources[:1], motions[1:], 1, seed=0, epoch=0, **SMALL_GRID)
+
+
+def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
+    from teachreg import train
+
+    sources, motions = _parts()
+    drawn = []
+
+    def draw_small(sources, motions, count, seed, epoch):
+        drawn.append(epoch)
+        return draw_pairs(sources, motions, count, seed, epoch, **SMALL_GRID)
+
+    draw_pairs = lung.draw_pairs
+    monkeypatch.setattr(lung, "split_parts", lambda split, progress: (sources, motions) if split == "train" else None)
+    monkeypatch.setattr(lung, "draw_pairs", draw_small)
+    config = {"model": {"channels": [4, 8]}, "mode": "supervised", "data": {"draw": 2}, "epochs": 2,
+              "augmentation": {"scale": 0.05, "fov_cut": 0.5, "intensity": 0.1}}
+    _, history = train.train(config, output=tmp_path / "run", progress=False)
+    assert drawn == [0, 1] and len(history) == 2 and all(np.isfinite(row["total"]) for row in history)
+    with pytest.raises(ValueError, match="not both"):
+        train.train(config, output=tmp_path / "given", progress=False, pairs=draw_small(sources, motions, 1, 0, 0))
+    with pytest.raises(ValueError, match="data.draw must be an integer >= 0"):
+        train.load_config({"data": {"draw": -1}})

@@ -21,7 +21,7 @@ SMALL = {"channels": [4, 8]}
 
 
 def _write(path: Path, array: np.ndarray, spacing=(3.5, 2.5, 3.5)) -> None:
-    """Write a (z, y, x, ...) array as NIfTI stored (x, y, z, ...), as `data.write_pair` does (DDF components kept)."""
+    """Write a (z, y, x, ...) array as NIfTI stored (x, y, z, ...), as `data.write_pair` does."""
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = np.swapaxes(array, 0, 2)
     nib.save(nib.Nifti1Image(np.ascontiguousarray(stored), np.diag([*spacing[::-1], 1.0])), str(path))
@@ -51,7 +51,7 @@ def _write_dataset(root: Path, count: int = 2, split: str = "train") -> list[dat
     for pair in pairs:
         name = pair.name + ".nii.gz"
         for array, folder in ((pair.moving.image, "moving_images"), (pair.fixed.image, "fixed_images"),
-                              (pair.ddf, "ddfs"), (pair.moving.labels[..., 0], "moving_labels"),
+                              (pair.ddf[..., ::-1], "ddfs"), (pair.moving.labels[..., 0], "moving_labels"),
                               (pair.fixed.labels[..., 0], "fixed_labels")):
             _write(root / split / folder / name, array)
     return pairs

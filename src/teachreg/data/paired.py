@@ -8,8 +8,9 @@ Layout of one split folder (`ROOT/SPLIT`), one file per pair and kind, named aft
     ddfs/case_XXX.nii.gz                   float32 [.., 3], the true DDF
                                            (voxels, fixed grid)
 
-Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, with an affine of the spacing (LPS
-axes), and gzipped with no time stamp, so the same pair gives byte-identical files. The real
+Arrays are stored (x, y, z) like the Learn2Reg NIfTI files, a DDF's components too (x, y, z),
+so that the file pairs each component with its axis as DeepReg and nibabel read it; with an
+affine of the spacing (LPS axes), and gzipped with no time stamp, so the same pair gives byte-identical files. The real
 Learn2Reg pairs (CT images and masks, no DDF) come in the same layout from DeepReg's
 `demos/paired_ct_lung/demo_data.py`, which downloads
 https://zenodo.org/record/3835682/files/training.zip (Hering et al., Learn2Reg 2020), splits it
@@ -59,8 +60,8 @@ def write_pair(pair: Pair, folder, name: str) -> None:
         if volume.labels is not None:
             labels = volume.labels[..., 0] if volume.labels.shape[-1] == 1 else volume.labels
             arrays[f"{role}_labels"] = labels.astype(np.uint8), volume.spacing
-    if pair.ddf is not None:
-        arrays["ddfs"] = np.asarray(pair.ddf, np.float32), pair.fixed.spacing
+    if pair.ddf is not None:  # components (z, y, x) -> (x, y, z), as the axes
+        arrays["ddfs"] = np.asarray(pair.ddf, np.float32)[..., ::-1], pair.fixed.spacing
     for kind, (array, spacing) in arrays.items():
         (folder / kind).mkdir(parents=True, exist_ok=True)
         _write_nifti(folder / kind / f"{name}.nii.gz", array, spacing)
@@ -98,7 +99,7 @@ def load_paired(root=None, split: str = "test") -> list[Pair]:
                 labels = (labels.reshape(*labels.shape[:3], -1) > 0).astype(np.uint8)
             volumes.append(Volume(image.astype(np.float32), spacing, labels, ("lung",) if labels is not None else (),
                                   f"{folder.name}/{role}/{name}"))
-        ddf = read("ddfs")[0]
-        pairs.append(Pair(volumes[0], volumes[1], None if ddf is None else ddf.astype(np.float32),
+        ddf = read("ddfs")[0]  # components stored (x, y, z), as the axes
+        pairs.append(Pair(volumes[0], volumes[1], None if ddf is None else ddf[..., ::-1].astype(np.float32),
                           name.split(".")[0]))
     return pairs
