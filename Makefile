@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests and CI read data from the offline mirror beside the repository when there is one.
 export TEACHREG_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: help course test widgets7 lint bench generalisation clean execute book data lab
+.PHONY: help course test widgets7 lint bench generalisation clean execute book data lab student
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9]+):.*## /  make \1\t/' | expand -t 24
@@ -65,3 +65,6 @@ book: $(STAMP) data  ## create .venv, fetch the data, build the HTML book from t
 
 lab: $(STAMP)  ## open the chapters in JupyterLab from .venv (widgets included; the chapters fetch their data on first use)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=book $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+student: $(STAMP)  ## student copies of the chapters in student/: no solutions, no outputs (for a workshop)
+	$(PY) book/tools/student.py --out student
