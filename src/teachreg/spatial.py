@@ -259,7 +259,11 @@ def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(field)
     for axis in (1, 2, 3):
         n = shape[axis]
-        tf.debugging.assert_greater_equal(n, 2, message="the spatial gradient needs at least 2 voxels along each axis")
+        message = "the spatial gradient needs at least 2 voxels along each axis"
+        if field.shape[axis] is None:  # only known when run: checked then (XLA, where shapes are known, has no asserts)
+            tf.debugging.assert_greater_equal(n, 2, message=message)
+        elif field.shape[axis] < 2:
+            raise ValueError(f"{message}, got shape {tuple(field.shape)}.")
 
         def part(start, size, axis=axis):
             begin = tf.one_hot(axis, 5, dtype=tf.int32) * start
