@@ -149,3 +149,18 @@ def test_register_reproduces_chapter_4_on_the_prostate_pair_as_nifti(tmp_path):
     assert round(report["dice_before"], 4) == chapter["dice_before"]
     assert report["dice_after"] == pytest.approx(chapter["dice_after"], abs=0.01)
     assert report["folded_fraction"] < 0.001
+
+
+def test_register_warns_when_the_field_folds(shifted_pair, tmp_path, capsys, monkeypatch):
+    from teachreg import scans
+
+    def folding(*args, **kwargs):
+        return {"folded_fraction": 0.0223, "seconds": 1.0, "outputs": ["ddf.nii.gz"]}
+
+    monkeypatch.setattr(scans, "register_files", folding)
+    p = shifted_pair
+    assert main(["register", str(p / "moving.nii.gz"), str(p / "fixed.nii.gz"), "--out", str(tmp_path), "--quiet"]) == 0
+    assert "warning: the field folds 2.23 % of the voxels" in capsys.readouterr().err
+    assert main(["register", str(p / "moving.nii.gz"), str(p / "fixed.nii.gz"), "--out", str(tmp_path), "--quiet",
+                 "--method", "svf"]) == 0
+    assert "warning" not in capsys.readouterr().err  # svf folds only by discretisation: no advice to give

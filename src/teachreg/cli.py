@@ -203,7 +203,14 @@ def _register(args: argparse.Namespace) -> int:
     dice = f"Dice {report['dice_before']:.3f} -> {report['dice_after']:.3f}; " if "dice_after" in report else ""
     print(f"{args.method}: {dice}folded voxels {100 * report['folded_fraction']:.3f} %; {report['seconds']:.1f} s; "
           f"results in {args.out}: {', '.join(report['outputs'])}")
+    if report["folded_fraction"] > _FOLDING_WARNING and args.method in ("bspline", "ddf"):
+        print(f"teachreg: warning: the field folds {100 * report['folded_fraction']:.2f} % of the voxels, where no tissue "
+              "folds; --method demons or svf keeps the transform invertible (no folds)", file=sys.stderr)
     return 0
+
+
+_FOLDING_WARNING = 0.001
+"""`teachreg register` warns when more than this fraction of the voxels fold (0.1 %)."""
 
 
 def _add_register(commands: argparse._SubParsersAction) -> None:
