@@ -1,6 +1,6 @@
 """Tests of teachreg.lung: a tiny build (one CT, one motion, a coarse grid), its ground truth,
-determinism and cache, the split, bad inputs, and writing and reading DeepReg's paired layout
-(teachreg.data.paired).
+determinism and cache, the split, bad inputs, writing and reading DeepReg's paired layout
+(teachreg.data.paired), and training pairs drawn afresh (on phantoms).
 
 Real data come from the mirror at ../shared/data (relative to the repository root); without it the
 tests that need data are skipped.
@@ -487,14 +487,21 @@ def test_drawn_pairs_carry_an_exact_ground_truth(state):
     lungs = fixed.labels[..., 0] > 0
     jacobian = spatial.jacobian_determinant(ddf[None]).numpy()[0]
     model = np.where(lungs, (warped - lung.HU_AIR) * jacobian + lung.HU_AIR, warped)
-    away = ndimage.binary_erosion(lungs, iterations=2) | ~ndimage.binary_dilation(lungs, iterations=2)
-    away[:4], away[-4:], away[:, :4], away[:, -4:], away[..., :4], away[..., -4:] = False, False, False, False, False, False
-    error = np.abs(model - fixed.image)[away]
+    # Compared 2 voxels or more from the lungs' boundary (trilinear interpolation mixes across it)
+    # and from the grid's faces (where x + ddf(x) may leave the grid).
+    cube, inner = np.ones((3, 3, 3), bool), np.zeros_like(lungs)
+    inner[4:-4, 4:-4, 4:-4] = True
+    away = (ndimage.binary_erosion(lungs, cube, iterations=2) | ~ndimage.binary_dilation(lungs, cube, iterations=2)) & inner
+    error = np.abs(model - fixed.image)[away]  # interpolation and rounding to whole HU only
     unregistered = np.abs(moving.image - fixed.image)[away].mean()
-    assert error.mean() < 1.0 and error.max() < 10 and unregistered > 10, (error.mean(), error.max(), unregistered)
+    assert error.mean() < 0.5 and error.max() < 2.5 and unregistered > 5, (error.mean(), error.max(), unregistered)
     warped_lungs = spatial.warp(moving.labels[None].astype(np.float32), ddf[None], interpolation="nearest").numpy()[0]
-    differ = np.mean((warped_lungs[..., 0] > 0.5) != lungs)
-    assert differ < (1e-4 if state == "expiration" else 2e-3), differ  # exact when the real CT is the moving image
+    differ = (warped_lungs[..., 0] > 0.5) != lungs
+    if state == "expiration":  # the real CT is the moving image: its labels map exactly
+        assert not differ.any()
+    else:  # two nearest-neighbour samplings: the boundary may move by a voxel
+        boundary = ndimage.binary_dilation(lungs, cube) & ~ndimage.binary_erosion(lungs, cube)
+        assert not (differ & ~boundary).any() and differ.mean() < 0.01
 
 
 def test_drawn_pairs_depend_on_the_seed_and_epoch_only():
@@ -514,17 +521,22 @@ def test_drawn_pairs_depend_on_the_seed_and_epoch_only():
 def test_varied_motions_never_fold_and_stay_in_their_ranges():
     source = _textured("expiration")
     motion = _breathing(source, "phantom_exp2ins")
+    spacing = 6.0  # mm: the 30-voxel grid then spans several perturbation sigmas, to see it fade out
     for seed in range(20):
-        varied = lung.vary_motion(motion, np.random.default_rng(seed), spacing=(2.0, 2.0, 2.0))
+        varied = lung.vary_motion(motion, np.random.default_rng(seed), spacing=(spacing,) * 3)
         assert metrics.folding_fraction(varied.ddf) == 0 and varied.source == motion.source
         factor, largest = varied.stats["factor"], varied.stats["perturbation_mm"]
         assert lung.AMPLITUDE[0] <= factor <= lung.AMPLITUDE[1] and 0 <= largest <= lung.PERTURBATION_MM
-        perturbation = np.linalg.norm((varied.ddf - factor * motion.ddf) * 2.0, axis=-1)  # mm
+        perturbation = np.linalg.norm((varied.ddf - factor * motion.ddf) * spacing, axis=-1)  # mm
         assert perturbation.max() == pytest.approx(largest, abs=0.01)
         assert perturbation[motion.target_lung].mean() > perturbation[~motion.target_lung].mean()  # in the lungs mostly
-    steep = _breathing(source, "phantom_steep", stretch=0.8)  # scaled by more than 1.25, it folds
-    with pytest.raises(data.DataError, match=f"motion phantom_steep: all {lung.DRAW_TRIES} variants drawn fold"):
-        lung.vary_motion(steep, np.random.default_rng(0), spacing=(2.0, 2.0, 2.0), amplitude=(1.3, 1.5))
+    steep = _breathing(source, "phantom_steep", stretch=0.8)  # scaled by 1.25 or more, it folds
+    for seed in range(5):
+        varied = lung.vary_motion(steep, np.random.default_rng(seed), spacing=(spacing,) * 3, amplitude=(1.3, 1.5))
+        assert metrics.folding_fraction(varied.ddf) == 0 and 1 < varied.stats["factor"] < 1.25
+    folded = _breathing(source, "phantom_folded", stretch=1.2)  # folds as it is
+    with pytest.raises(data.DataError, match=f"motion phantom_folded: its variants fold even {lung.FOLD_RETRIES} times"):
+        lung.vary_motion(folded, np.random.default_rng(0), spacing=(spacing,) * 3)
 
 
 @pytest.mark.parametrize("ct, motion", [("l2r_case001", "phantom_exp"), ("itkelastix", "phantom_exp"),
@@ -546,14 +558,13 @@ def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
     from teachreg import train
 
     sources, motions = _parts()
-    drawn = []
+    draw_pairs, drawn = lung.draw_pairs, []
 
     def draw_small(sources, motions, count, seed, epoch):
         drawn.append(epoch)
         return draw_pairs(sources, motions, count, seed, epoch, **SMALL_GRID)
 
-    draw_pairs = lung.draw_pairs
-    monkeypatch.setattr(lung, "split_parts", lambda split, progress: (sources, motions) if split == "train" else None)
+    monkeypatch.setattr(lung, "split_parts", lambda split, progress: {"train": (sources, motions)}[split])
     monkeypatch.setattr(lung, "draw_pairs", draw_small)
     config = {"model": {"channels": [4, 8]}, "mode": "supervised", "data": {"draw": 2}, "epochs": 2,
               "augmentation": {"scale": 0.05, "fov_cut": 0.5, "intensity": 0.1}}

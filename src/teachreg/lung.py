@@ -42,7 +42,11 @@ Split by patient and by motion: the test CTs (Learn2Reg case_001, ITKElastix) an
 (Learn2Reg cases 1, 11, 12) never appear in training; case_001's CT with its own motion is a
 test pair, and `build.json` gives the Dice of its warped expiration mask with its real
 inspiration mask. Each split's content depends only on the parameters and `seed`, not on which
-splits are built, so `build(splits=("test",))` alone is fast.
+splits are built, so `build(splits=("test",))` alone is fast. Training pairs may instead be drawn
+afresh for every epoch (`draw_pairs`; the training config's `data.draw`): a training CT with a
+training motion of its breathing state (`split_parts`), the motion varied in amplitude and by a
+smooth random perturbation (`vary_motion`) and carried by `make_pair` on a randomly shifted grid,
+so that the DDF stays exact. The test split stays the fixed set that `build` writes.
 
 Every CT goes on one grid of `grid` voxels (z, y, x) of `spacing` mm, by default
 `presets.LUNG_GRID` and `presets.LUNG_SPACING`, 104 x 96 x 96 voxels of 3.5 x 2.5 x 3.5 mm:
@@ -88,7 +92,8 @@ __all__ = [
     "REGISTRATION", "REGULARISER_WEIGHTS", "CTS", "MOTIONS", "Source", "Motion",
     "HELD_OUT", "POINT_WEIGHT", "POINT_REGULARISER_WEIGHTS", "MAX_HELD_OUT_MM", "INSIDE_FRACTION", "MAX_Z_SPACING", "LANDMARK_MARGIN_MM",
     "segment_lungs", "prepare_ct", "check_lungs", "estimate_motion", "landmark_motion", "breathing_motions",
-    "make_pair", "build",
+    "make_pair", "build", "AMPLITUDE", "PERTURBATION_MM", "PERTURBATION_SIGMA_MM", "FOLD_RETRIES", "split_parts",
+    "vary_motion", "draw_pairs",
 ]
 
 JITTER_MM = 7.0
@@ -98,7 +103,7 @@ HU_AIR = -1000.0
 LUNG_LITRES = (1.5, 12.0)
 LUNG_HU = (-975.0, -400.0)
 MARKER = ".teachreg-split"  # in every split folder `build` made: it replaces no other folder
-VERSION = 3  # bump when the output changes, so that cached builds are redone
+VERSION = 4  # bump when the output changes, so that cached builds are redone
 # Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
 # weights are tried in turn until the displacement does not fold.
 REGISTRATION = dict(loss="ssd", regulariser="bending", label_weight=1.0, transform="bspline", grid_spacing=2.0,
@@ -118,6 +123,16 @@ MAX_Z_SPACING = 2.0
 # Landmarks lie inside the lungs, not on their boundary: their bounding box grown by this margin
 # (mm, z, y, x) stands for the lungs' (about that of corrField keypoints in Learn2Reg case 1's masks).
 LANDMARK_MARGIN_MM = (30.0, 4.0, 14.0)
+# Training pairs drawn afresh (`draw_pairs`): a motion's DDF is scaled by a factor drawn in
+# AMPLITUDE, plus a random smooth field (white noise in the lungs smoothed by a Gaussian of
+# PERTURBATION_SIGMA_MM) whose largest displacement is drawn in [0, PERTURBATION_MM] mm. A variant
+# that folds is moved halfway back to the motion, at most FOLD_RETRIES times: some motions fold
+# when scaled by little more than 1 (the mask registration keeps the least regularised fit that
+# does not fold).
+AMPLITUDE = (0.5, 1.5)
+PERTURBATION_MM = 4.0
+PERTURBATION_SIGMA_MM = 20.0
+FOLD_RETRIES = 10
 
 # Real CTs: (name, loader, breathing state, split).
 CTS = (
@@ -651,26 +666,10 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, user, progres
 
     user: None for the course's dataset, else `build`'s ct, ct_state, masks, keypoints, landmarks and
     landmark_spacing. Raises DataError naming the CT (its path, for a user's) if its lungs fail `check_lungs`."""
-    if user is not None:
-        ct = user["ct"]
-        cts = [(Path(ct).name, lambda: read_volume(Path(ct)), user["ct_state"], str(ct))]
-        motions = [_user_motion(user, grid, spacing)]
-    else:
-        cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
-        motions = [(f"l2r_case{case:03d}", lambda states, s=s, c=case: breathing_motions(
-            load("lung_masks", case=c, split=s), f"l2r_case{c:03d}", states, grid, spacing)) for s, case in MOTIONS[split]]
+    cts, motions = _inputs(split, grid, spacing, user)
     n_pairs = len(cts) * len(motions)
     bar = tqdm(total=len(cts) + 2 * len(motions) + n_pairs, desc=f"lung CT {split}", disable=not progress)
-    sources = []
-    for name, loader, state, where in cts:
-        sources.append(prepare_ct(loader(), state, name, spacing))
-        check_lungs(sources[-1], where)
-        bar.update()
-    states = [state for state in ("expiration", "inspiration") if any(s.state == state for s in sources)]
-    estimated = []
-    for _, motions_of in motions:
-        estimated += motions_of(states)
-        bar.update(2)
+    sources, estimated = _parts(cts, motions, spacing, bar)
     work = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
         tmp = work / split
@@ -692,6 +691,120 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, user, progres
         shutil.rmtree(work, ignore_errors=True)
         bar.close()
     return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs)
+
+
+def _patient(case: int) -> str:
+    """The name of Learn2Reg patient `case`, as its motions' names begin."""
+    return f"l2r_case{case:03d}"
+
+
+def _inputs(split: str, grid, spacing, user) -> tuple[list, list]:
+    """A split's CTs, (name, loader, breathing state, name in errors), and motions, (name, function
+    of the breathing states -> their Motions); user: as `_build_split`'s."""
+    if user is not None:
+        ct = user["ct"]
+        return ([(Path(ct).name, lambda: read_volume(Path(ct)), user["ct_state"], str(ct))],
+                [_user_motion(user, grid, spacing)])
+    cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
+    motions = [(_patient(case), lambda states, s=s, c=case: breathing_motions(
+        load("lung_masks", case=c, split=s), _patient(c), states, grid, spacing)) for s, case in MOTIONS[split]]
+    return cts, motions
+
+
+def _parts(cts: list, motions: list, spacing, bar) -> tuple[list[Source], list[Motion]]:
+    """The CTs `cts` prepared and checked (`prepare_ct`, `check_lungs`) and the `motions` from each of
+    their breathing states, as `_inputs` lists them; `bar` advances by one per CT, two per motion."""
+    sources = []
+    for name, loader, state, where in cts:
+        sources.append(prepare_ct(loader(), state, name, spacing))
+        check_lungs(sources[-1], where)
+        bar.update()
+    states = [state for state in ("expiration", "inspiration") if any(s.state == state for s in sources)]
+    estimated = []
+    for _, motions_of in motions:
+        estimated += motions_of(states)
+        bar.update(2)
+    return sources, estimated
+
+
+def split_parts(split: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING,
+                progress: bool = True) -> tuple[list[Source], list[Motion]]:
+    """The course's split `split` ("train" or "test") in parts, as `build` makes its pairs from them:
+    its CTs (`CTS`) prepared and checked, and its patients' motions (`MOTIONS`, estimated from their
+    masks, on a grid of `grid` voxels of `spacing` mm) from each breathing state of those CTs.
+    About 4 minutes for "train" (4 CTs, 30 motions) on a 2-core CPU. Raises DataError as `build`."""
+    cts, motions = _inputs(split, grid, spacing, None)
+    with tqdm(total=len(cts) + 2 * len(motions), desc=f"lung CT {split} parts", disable=not progress) as bar:
+        return _parts(cts, motions, spacing, bar)
+
+
+def _check_training(sources: list[Source], motions: list[Motion]) -> None:
+    """Raise ValueError naming any CT or motion of the test split (`CTS`, `MOTIONS`, by name)."""
+    test = {name for name, _, _, split in CTS if split == "test"} | {_patient(c) for _, c in MOTIONS["test"]}
+    leaked = [f"CT {s.name}" for s in sources if s.name in test]
+    leaked += [f"motion {m.name}" for m in motions if m.name.rsplit("_", 1)[0] in test]
+    if leaked:
+        raise ValueError(f"training pairs may use training CTs and motions only; {', '.join(leaked)} belong to "
+                         "the test split (lung.CTS, lung.MOTIONS)")
+
+
+def vary_motion(motion: Motion, rng: np.random.Generator, spacing=presets.LUNG_SPACING, amplitude=AMPLITUDE,
+                perturbation_mm: float = PERTURBATION_MM) -> Motion:
+    """A random variant of `motion` that does not fold: its DDF times a factor drawn uniformly in
+    `amplitude`, plus a smooth random displacement.
+
+    The displacement is white noise inside the motion's target lungs (`target_lung`; everywhere
+    without masks), smoothed by a Gaussian of `PERTURBATION_SIGMA_MM`, each component alike, then
+    scaled so that its largest length is drawn uniformly in [0, `perturbation_mm`] mm: it lies in
+    the lungs mostly and fades out within a few sigma around them. spacing: the motion grid's voxel
+    size (mm, z, y, x), that of the pairs. While the variant folds (`metrics.folding_fraction`),
+    it is moved halfway back to the motion (factor halfway to 1, displacement halved), at most
+    `FOLD_RETRIES` times, else DataError naming the motion. The variant: `ddf` float32
+    `[D, H, W, 3]` voxels on the motion's grid, `target_lung` None (the varied target lungs are not
+    known), `stats` the motion's name, the factor and the displacement's largest length (mm)."""
+    spacing = np.asarray(spacing, np.float64)
+    inside = np.ones(motion.ddf.shape[:3], bool) if motion.target_lung is None else motion.target_lung
+    factor = rng.uniform(*amplitude)
+    noise = rng.standard_normal((3, *inside.shape)) * inside
+    field = np.stack([ndimage.gaussian_filter(n, PERTURBATION_SIGMA_MM / spacing) for n in noise], -1)  # mm
+    largest = rng.uniform(0, perturbation_mm)
+    field *= largest / max(float(np.linalg.norm(field, axis=-1).max()), 1e-12)
+    for _ in range(FOLD_RETRIES + 1):
+        ddf = (factor * motion.ddf + field / spacing).astype(np.float32)
+        if metrics.folding_fraction(ddf) == 0:
+            stats = dict(motion=motion.name, factor=round(float(factor), 3), perturbation_mm=round(float(largest), 2))
+            return Motion(f"{motion.name}_x{factor:.2f}", motion.source, ddf, motion.origin, motion.lo, motion.hi,
+                          None, stats, motion.points)
+        factor, field, largest = (1 + factor) / 2, field / 2, largest / 2
+    raise DataError(f"motion {motion.name}: its variants fold even {FOLD_RETRIES} times halfway back to it; "
+                    "does the motion itself fold?")
+
+
+def draw_pairs(sources: list[Source], motions: list[Motion], count: int, seed: int, epoch: int,
+               grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING) -> list[Pair]:
+    """`count` training pairs drawn afresh, pair i from (seed, epoch, i) alone (the same numbers give
+    the same arrays).
+
+    Each is a CT of `sources` with a motion of `motions` that starts at its breathing state, the
+    couple drawn uniformly among all such (as `build` couples them), the motion varied
+    (`vary_motion`) and carried to the CT on a grid of `grid` voxels of `spacing` mm shifted at
+    random (`make_pair`): exact DDF `[D, H, W, 3]` (voxels), mass-preserving density change. Named
+    `drawn/EEE_III` (epoch, i). sources, motions: those of the training split (`split_parts("train")`
+    on the same grid). Raises ValueError if any belongs to the test split (`CTS`, `MOTIONS`) or no
+    motion starts at a CT's state; DataError as `make_pair` and `vary_motion`."""
+    _check_training(sources, motions)
+    couples = [(s, m) for s in sources for m in motions if m.source == s.state]
+    if not couples:
+        raise ValueError(f"no motion starts at the breathing state of a CT ({sorted({s.state for s in sources})}); "
+                         "give motions from the CTs' states")
+    pairs = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, epoch, i])
+        source, motion = couples[rng.integers(len(couples))]
+        varied = vary_motion(motion, rng, spacing)
+        pair, _ = make_pair(source, varied, f"drawn/{epoch:03d}_{i:03d}", grid, spacing, rng.uniform(-1, 1, 3))
+        pairs.append(pair)
+    return pairs
 
 
 def _read_mask(path: Path) -> Volume:
