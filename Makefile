@@ -34,14 +34,19 @@ widgets7: $(STAMP)  ## the widget tests again with Colab's ipywidgets 7.7.1 (CI 
 lint: $(STAMP)  ## ruff: the package, tests, benchmarks and book tools (CI runs it)
 	$(VENV)/bin/ruff check src tests benchmarks book/tools book/_ext
 
-bench: $(STAMP)  ## speed figures as JSON
-	$(PY) benchmarks/bench.py
+# DeepReg's resample, the peer of the warp benchmark: deepreg pins TensorFlow 2.3, so it is
+# installed without its dependencies, beside the environment.
+DEEPREG := .venv-deepreg
+bench: $(STAMP)  ## speed figures as JSON, side by side with elastix, SimpleITK, scipy and DeepReg
+	@[ -f $(DEEPREG)/.installed ] || { $(PY) -m pip install --quiet --no-deps --target $(DEEPREG) \
+	  deepreg==0.1.2 && touch $(DEEPREG)/.installed; }
+	PYTHONPATH=$(DEEPREG) $(PY) benchmarks/bench.py
 
 generalisation: $(STAMP)  ## the lung network on CTs and motions crossed between its splits (about 12 min)
 	$(PY) benchmarks/generalisation.py
 
 clean:
-	rm -rf $(VENV) $(WIDGETS7) book/_build .pytest_cache
+	rm -rf $(VENV) $(WIDGETS7) $(DEEPREG) book/_build .pytest_cache
 
 # --- the book -----------------------------------------------------------------------------------
 CHAPTERS := $(sort $(wildcard book/ch*.ipynb))

@@ -275,6 +275,52 @@ def test_bad_input_names_the_argument_and_shape(call, argument):
     assert "shape" in str(info.value)
 
 
+# --- the three ways a warp is called ---
+
+
+def _warp_and_gradients(image, ddf, padding):
+    with tf.GradientTape() as tape:
+        tape.watch([image, ddf])
+        value = tf.reduce_sum(spatial.warp(image, ddf, padding=padding) ** 2)
+    return (value, *tape.gradient(value, [image, ddf]))
+
+
+def _resample_and_gradients(volume, coordinates, padding):
+    with tf.GradientTape() as tape:
+        tape.watch([volume, coordinates])
+        value = tf.reduce_sum(spatial.resample(volume, coordinates, padding=padding) ** 2)
+    return (value, *tape.gradient(value, [volume, coordinates]))
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_warp_is_the_same_eagerly_in_a_graph_and_under_xla(padding):
+    # In a plain graph the gradients are compiled functions of their own: compare them, and the
+    # eager call's, with the image's, against XLA's own differentiation of the whole call.
+    image = tf.constant(smooth_volume((9, 10, 11))[None])
+    ddf = tf.constant(RNG.uniform(-2, 2, size=(1, 9, 10, 11, 3)).astype(np.float32))
+    coordinates = tf.constant(RNG.uniform(-2, 12, size=(2, 5, 7, 3)).astype(np.float32))  # batch 2 against 1
+    for fn, inputs in ((_warp_and_gradients, (image, ddf)), (_resample_and_gradients, (image, coordinates))):
+        compiled = tf.function(fn, jit_compile=True)(*inputs, padding)
+        for called in (fn(*inputs, padding), tf.function(fn)(*inputs, padding)):
+            for a, b in zip(compiled, called):
+                np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _compiled_calls(jit_compile: bool) -> list:
+    """The XLA-compiled function calls in the graph of a caller's `tf.function` that warps."""
+    spec = tf.TensorSpec([1, 8, 8, 8], tf.float32), tf.TensorSpec([1, 8, 8, 8, 3], tf.float32)
+    graph = tf.function(spatial.warp, jit_compile=jit_compile).get_concrete_function(*spec).graph
+    calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    return [op for op in calls if op.node_def.attr["_XlaMustCompile"].b]
+
+
+def test_warp_is_compiled_inside_a_plain_graph_and_left_to_an_xla_caller():
+    # Inside a training step's plain tf.function the gathers run fused by XLA (about 7x faster);
+    # inside a caller that XLA compiles, a nested compiled call would be recompiled on every call.
+    assert len(_compiled_calls(jit_compile=False)) == 1
+    assert _compiled_calls(jit_compile=True) == []
+
+
 # --- bad input ---
 
 
