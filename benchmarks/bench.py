@@ -14,6 +14,7 @@ a 128^3 volume called eagerly and inside a caller's `tf.function`: forward no sl
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -45,8 +46,8 @@ def side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
 def deepreg_resample():
     """DeepReg's `deepreg.model.layer_util.resample`, or None where deepreg is not installed.
 
-    `make bench` installs deepreg 0.1.2 (PyPI) without its dependencies, which pin TensorFlow
-    2.3; the module is loaded from its file because the package's `__init__` imports all of
+    `make bench` installs deepreg (PyPI, the version pinned in the Makefile) without its
+    dependencies, which pin TensorFlow 2.3; the module is loaded from its file because the package's `__init__` imports all of
     DeepReg. The function itself needs only TensorFlow and numpy.
     """
     spec = importlib.util.find_spec("deepreg")
@@ -106,7 +107,8 @@ def warp_figures(device: str, size: int, repeats: int) -> dict:
         if resample is not None:
             out[f"deepreg_gradient_over_{path}_gradient"] = round(
                 seconds["deepreg_forward_and_gradient_graph"] / seconds[f"tf_forward_and_gradient_{path}"], 2)
-    return {"shape": [size] * 3, "deepreg": "deepreg 0.1.2" if resample is not None else "not installed", **out}
+    deepreg = importlib.metadata.version("deepreg") if resample is not None else "not installed"
+    return {"shape": [size] * 3, "deepreg": deepreg, **out}
 
 
 def loss_figures(device: str, repeats: int) -> dict:

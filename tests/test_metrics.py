@@ -1,9 +1,10 @@
-"""Analytic tests of the evaluation metrics: Dice, target registration error and folding."""
+"""Analytic tests of the evaluation metrics: Dice, Hausdorff distance, target registration error and folding."""
 
 import re
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from teachreg import metrics, spatial
 
@@ -166,3 +167,43 @@ def test_displacement_mm_of_known_fields():
         metrics.displacement_mm(ddf, (1.0, 1.0))
     with raises("ddf", "[D, H, W, 3]"):
         metrics.displacement_mm(ddf[..., :2], spacing)
+
+
+# --- Hausdorff distance ---
+
+
+def _cube(shape, low, high):
+    mask = np.zeros(shape, bool)
+    mask[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
+    return mask
+
+
+def test_hausdorff_distance_of_a_shifted_cube_is_the_shift_in_mm():
+    a = _cube((24, 20, 20), (5, 5, 5), (15, 15, 15))
+    b = _cube((24, 20, 20), (8, 5, 5), (18, 15, 15))  # 3 voxels of 2 mm further along D
+    spacing = (2.0, 1.0, 1.0)
+    assert metrics.hausdorff_distance(a, b, spacing, percentile=100) == pytest.approx(6.0)
+    assert metrics.hausdorff_distance(b, a, spacing, percentile=100) == pytest.approx(6.0)
+    assert 0 < metrics.hausdorff_distance(a, b, spacing) <= 6.0
+    assert metrics.hausdorff_distance(a, a, spacing) == 0.0
+
+
+def test_hausdorff_distance_matches_all_pairs_of_surface_points():
+    # Random smooth blobs on an anisotropic grid, against the definition computed point by point.
+    rng = np.random.default_rng(3)
+    a, b = (ndimage.gaussian_filter(rng.standard_normal((14, 16, 12)), 2.0) > 0.05 for _ in range(2))
+    spacing = np.array([2.5, 0.8, 1.2])
+    surfaces = [np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * spacing for m in (a, b)]
+    distances = np.linalg.norm(surfaces[0][:, None] - surfaces[1][None], axis=-1)
+    for percentile in (50, 95, 100):
+        expected = max(np.percentile(distances.min(axis=1), percentile),
+                       np.percentile(distances.min(axis=0), percentile))
+        assert metrics.hausdorff_distance(a, b, spacing, percentile) == pytest.approx(expected, rel=1e-9)
+
+
+def test_hausdorff_distance_refuses_empty_masks_and_bad_percentiles():
+    a = _cube((8, 8, 8), (2, 2, 2), (5, 5, 5))
+    with pytest.raises(ValueError, match="mask_b has 0"):
+        metrics.hausdorff_distance(a, np.zeros_like(a), (1, 1, 1))
+    with pytest.raises(ValueError, match="percentile must be in"):
+        metrics.hausdorff_distance(a, a, (1, 1, 1), percentile=101)

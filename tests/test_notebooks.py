@@ -223,6 +223,7 @@ def test_ch04_other_direction(tmp_path):
     # subject 1 onto subject 0: a pair the defaults were not chosen on; one sweep weight to save time
     results = run(chapter("ch04"), {"swap": True, "sweep_weights": [1.0]}, tmp_path)
     assert results["dice_after"] > results["dice_before"] + 0.03, results
+    assert results["hd95_after_mm"] < results["hd95_before_mm"], results
     assert results["folding"] < 0.001, "the B-spline default folds under 0.1 % of the voxels"
     assert results["dice_ddf_bending_1"] > results["dice_before"]
     assert results["dice_label_driven"] > max(0.9, results["dice_after"]), "labels drive the overlap up"
