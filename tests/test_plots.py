@@ -1,4 +1,5 @@
-"""The figures' helpers draw what they say: label contours in the label colours, Jacobian maps centred on 1."""
+"""The figures' helpers draw what they say: label contours in the label colours, Jacobian maps centred on 1,
+diagrams whose arrows join their boxes."""
 
 import matplotlib
 
@@ -58,4 +59,28 @@ def test_show_jacobian_draws_folded_voxels_in_their_own_colour():
     compressed = voxel(0, 0)
     assert np.abs(compressed - folded).max() > 0.2  # compression keeps the map's own colour
     np.testing.assert_allclose(compressed, plt.get_cmap("RdBu_r")(0.0)[:3], atol=0.02)  # 0.3 < 1 - 0.5: clipped
+    plt.close(fig)
+
+
+def test_diagram_joins_boxes_by_arrows_that_stop_at_their_edges():
+    boxes = {"a": (1.0, 1.0, "first", "orange"), "b": (4.0, 1.0, "second\nbox", "sky_blue"),
+             "c": (4.0, 3.0, "third", "blue")}
+    fig = plots.diagram(boxes, [("a", "b", "level", 0), ("b", "c", "up", 0)], size=(5, 4), title="T")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    texts = {t.get_text(): t for t in ax.texts}
+    assert {"first", "second\nbox", "third", "level", "up"} <= texts.keys() and ax.get_title() == "T"
+    fill = texts["first"].get_bbox_patch().get_facecolor()
+    np.testing.assert_allclose(fill, to_rgba(plots.OKABE_ITO["orange"], 0x55 / 255), atol=1e-3)
+    extents = {name: texts[text].get_bbox_patch().get_window_extent() for name, (_, _, text, _) in boxes.items()}
+    arrows = [a.arrow_patch.get_window_extent() for a in ax.texts if getattr(a, "arrow_patch", None) is not None]
+    assert len(arrows) == 2
+    a, b, c = extents["a"], extents["b"], extents["c"]
+    # a -> b runs level from a's right edge to b's left edge; b -> c rises from b's top to c's bottom
+    # (each end stops 2 points, about 3 pixels at 100 dpi, and the head its tip's mitre, short of its box)
+    assert 0 <= arrows[0].x0 - a.x1 < 8 and 0 <= b.x0 - arrows[0].x1 < 8
+    assert 0 <= arrows[1].y0 - b.y1 < 8 and 0 <= c.y0 - arrows[1].y1 < 8
+    # a level arrow's label sits above it, a rising arrow's to its right
+    assert texts["level"].get_position() == (2.5, 1.08) and texts["level"].get_va() == "bottom"
+    assert texts["up"].get_position() == (4.1, 2.0) and texts["up"].get_ha() == "left"
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Figures for the course: slices, label overlays, deformed grids and live loss curves (matplotlib).
+"""Figures for the course: slices, label overlays, deformed grids, live loss curves and block diagrams (matplotlib).
 
 Volumes are NumPy arrays `[D, H, W]` (z, y, x); a slice `k` is `volume[k]`, shown with rows
 down and columns across. Label overlays use the Okabe-Ito palette, which readers with the
@@ -23,6 +23,7 @@ __all__ = [
     "contours",
     "ct_window",
     "deformed_grid",
+    "diagram",
     "overlap_image",
     "show_jacobian",
     "show_overlap",
@@ -105,6 +106,38 @@ def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: s
               **{k: v for k, v in kwargs.items() if k in ("extent", "aspect", "origin")})
     ax.set_title(title)
     return image
+
+
+def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str = ""):
+    """A block diagram: boxes of text joined by arrows that stop at the boxes' edges. Returns the figure.
+
+    size: the figure's (width, height) in inches, which are also the diagram's coordinates: x from
+    0 to width, y from 0 to height. boxes: `{name: (x, y, text, colour)}`: the centre of each box,
+    its text (several lines allowed) and an `OKABE_ITO` colour name for its fill. arrows:
+    `(start, end, label, bend)`: the names of two boxes, a label ("" for none) written above the
+    middle of a level arrow or to the right of any other, and the arrow's curvature (0: straight;
+    as matplotlib's "arc3" connection style, positive bends it to the right of its direction).
+    """
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    ax.set(xlim=(0, size[0]), ylim=(0, size[1]))
+    ax.axis("off")
+    texts = {
+        name: ax.text(x, y, text, ha="center", va="center", fontsize=10,
+                      bbox={"boxstyle": "round,pad=0.5", "ec": "0.3", "fc": OKABE_ITO[colour] + "55"})
+        for name, (x, y, text, colour) in boxes.items()
+    }
+    for start, end, label, bend in arrows:
+        ax.annotate("", xy=(0.5, 0.5), xycoords=texts[end], xytext=(0.5, 0.5), textcoords=texts[start],
+                    arrowprops={"arrowstyle": "-|>", "lw": 1.4, "color": "0.2", "shrinkA": 2, "shrinkB": 2,
+                                "patchA": texts[start].get_bbox_patch(), "patchB": texts[end].get_bbox_patch(),
+                                "connectionstyle": f"arc3,rad={bend}"})
+        if label:
+            (x0, y0, *_), (x1, y1, *_) = boxes[start], boxes[end]
+            level = abs(y1 - y0) < 0.3
+            ax.text((x0 + x1) / 2 + (0 if level else 0.1), (y0 + y1) / 2 + (0.08 if level else 0), label,
+                    fontsize=9, ha="center" if level else "left", va="bottom" if level else "center")
+    ax.set_title(title)
+    return fig
 
 
 def overlap_image(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
