@@ -124,6 +124,16 @@ def test_every_figure_has_alt_text(name):
 
 
 @pytest.mark.parametrize("name", chapter_ids)
+def test_no_cell_shows_the_repr_of_a_plotting_call(name):
+    # a figure cell ending in `ax.set_title(...)` or `fig.suptitle(...)` also shows "Text(0.5, 1.0, '...')"
+    for i, cell in enumerate(code_cells(read(chapter(name)))):
+        for output in cell.outputs:
+            text = output.get("data", {}).get("text/plain", "") if output.output_type == "execute_result" else ""
+            assert not re.match(r"(Text|<matplotlib|<Figure|\[<matplotlib)", text), (
+                f"code cell {i} shows {text[:60]!r}: end the cell with `;` or a statement")
+
+
+@pytest.mark.parametrize("name", chapter_ids)
 def test_printed_lines_fit_the_books_code_column(name):
     nb = read(chapter(name))
     for i, cell in enumerate(code_cells(nb)):
@@ -216,6 +226,9 @@ def test_ch03_reaches_its_targets(loss, tmp_path):
         after, exact = results[f"dice_after_{label}"], results[f"dice_exact_{label}"]
         assert abs(after - exact) <= 0.02, f"{label}: Dice {after:.3f} after registration, {exact:.3f} with the exact inverse ({loss})"
     assert results["error_mm"] > 0 and results["seconds"] > 0
+    # feature-based: ICP on the skin removes most of the displacement, far less precisely than intensities
+    assert results["icp_error_mm"] < 0.25 * results["initial_mm"], results
+    assert results["icp_error_mm"] > results["error_mm"], results
 
 
 @pytest.mark.notebook
