@@ -77,7 +77,7 @@ def test_diagram_joins_boxes_by_arrows_that_stop_at_their_edges():
     assert len(arrows) == 2
     a, b, c = extents["a"], extents["b"], extents["c"]
     # a -> b runs level from a's right edge to b's left edge; b -> c rises from b's top to c's bottom
-    # (each end stops 2 points, about 3 pixels at 100 dpi, and the head its tip's mitre, short of its box)
+    # (each end stops 2 points short of its box, about 3 pixels at 100 dpi; the head's tip a few pixels more)
     assert 0 <= arrows[0].x0 - a.x1 < 8 and 0 <= b.x0 - arrows[0].x1 < 8
     assert 0 <= arrows[1].y0 - b.y1 < 8 and 0 <= c.y0 - arrows[1].y1 < 8
     # a level arrow's label sits above it, a rising arrow's to its right
