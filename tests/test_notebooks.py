@@ -129,7 +129,7 @@ def test_no_cell_shows_the_repr_of_a_plotting_call(name):
     for i, cell in enumerate(code_cells(read(chapter(name)))):
         for output in cell.outputs:
             text = output.get("data", {}).get("text/plain", "") if output.output_type == "execute_result" else ""
-            assert not re.match(r"(Text|<matplotlib|<Figure|\[<matplotlib)", text), (
+            assert not re.match(r"[\[(]?(Text\(|<matplotlib|<Figure|<Axes)", text), (
                 f"code cell {i} shows {text[:60]!r}: end the cell with `;` or a statement")
 
 
@@ -228,7 +228,7 @@ def test_ch03_reaches_its_targets(loss, tmp_path):
     assert results["error_mm"] > 0 and results["seconds"] > 0
     # feature-based: ICP on the skin removes most of the displacement, far less precisely than intensities
     assert results["icp_error_mm"] < 0.25 * results["initial_mm"], results
-    assert results["icp_error_mm"] > results["error_mm"], results
+    assert results["icp_error_mm"] > 5 * results["error_mm"], results
 
 
 @pytest.mark.notebook

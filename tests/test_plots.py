@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
 from teachreg import plots  # noqa: E402
@@ -81,6 +82,6 @@ def test_diagram_joins_boxes_by_arrows_that_stop_at_their_edges():
     assert 0 <= arrows[0].x0 - a.x1 < 8 and 0 <= b.x0 - arrows[0].x1 < 8
     assert 0 <= arrows[1].y0 - b.y1 < 8 and 0 <= c.y0 - arrows[1].y1 < 8
     # a level arrow's label sits above it, a rising arrow's to its right
-    assert texts["level"].get_position() == (2.5, 1.08) and texts["level"].get_va() == "bottom"
-    assert texts["up"].get_position() == (4.1, 2.0) and texts["up"].get_ha() == "left"
+    assert texts["level"].get_position() == pytest.approx((2.5, 1.08)) and texts["level"].get_va() == "bottom"
+    assert texts["up"].get_position() == pytest.approx((4.1, 2.0)) and texts["up"].get_ha() == "left"
     plt.close(fig)

@@ -70,10 +70,12 @@ def hausdorff_distance(mask_a, mask_b, spacing, percentile: float = 95.0) -> flo
         raise ValueError("hausdorff_distance needs two masks with at least one voxel each: "
                          f"mask_a has {int(a.sum())}, mask_b has {int(b.sum())}.")
     spacing = _spacing(spacing)
-    surfaces = [mask & ~ndimage.binary_erosion(mask, border_value=0) for mask in (a, b)]
-    directed = [np.percentile(ndimage.distance_transform_edt(~other, sampling=spacing)[surface], percentile)
-                for surface, other in (surfaces, surfaces[::-1])]
-    return float(max(directed))
+    surface_a, surface_b = (mask & ~ndimage.binary_erosion(mask, border_value=0) for mask in (a, b))
+
+    def directed(surface, other):  # the percentile of the distances from `surface` to `other`, mm
+        return np.percentile(ndimage.distance_transform_edt(~other, sampling=spacing)[surface], percentile)
+
+    return float(max(directed(surface_a, surface_b), directed(surface_b, surface_a)))
 
 
 def _ddf(name: str, value) -> np.ndarray:

@@ -111,11 +111,12 @@ def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: s
 def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str = ""):
     """A block diagram: boxes of text joined by arrows that stop at the boxes' edges. Returns the figure.
 
-    size: the figure's (width, height) in inches, which are also the diagram's coordinates: x from
-    0 to width, y from 0 to height. boxes: `{name: (x, y, text, colour)}`: the centre of each box,
+    size: the figure's (width, height) in inches, and the diagram's coordinates: x from 0 to width,
+    y from 0 to height (about inches: the axes fill most of the figure). boxes: `{name: (x, y, text, colour)}`: the centre of each box,
     its text (several lines allowed) and an `OKABE_ITO` colour name for its fill. arrows:
     `(start, end, label, bend)`: the names of two boxes, a label ("" for none) written above the
-    middle of a level arrow or to the right of any other, and the arrow's curvature (0: straight;
+    midpoint of the two boxes' centres for a level arrow or to its right for any other (beside a
+    straight arrow; a bent one passes elsewhere), and the arrow's curvature (0: straight;
     as matplotlib's "arc3" connection style, positive bends it to the right of its direction).
     """
     fig, ax = plt.subplots(figsize=size, layout="constrained")
