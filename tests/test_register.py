@@ -76,13 +76,15 @@ def smooth_ddf(shape, amplitude, seed):
     return (field * amplitude / np.linalg.norm(field, axis=-1).mean()).astype(np.float32)
 
 
-@pytest.mark.parametrize("transform", ["ddf", "bspline", "svf"])
-def test_nonrigid_recovers_a_known_smooth_deformation(transform):
+@pytest.mark.parametrize("transform,crop", [("ddf", None), ("bspline", None), ("bspline", 1.0), ("svf", None)])
+def test_nonrigid_recovers_a_known_smooth_deformation(transform, crop):
+    # bspline with crop None fits random half-size boxes at the finest level; 1.0 the whole image
     moving = blobs(seed=3)
     true_ddf = smooth_ddf(moving.shape, 1.5, seed=4)
     fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
-    kwargs = {"bspline": {"grid_spacing": 4.0, "learning_rate": 0.05}}.get(transform, {})
-    result = register.nonrigid(moving, fixed, transform=transform, regulariser_weight=0.1, **kwargs)
+    kwargs = {"bspline": {"grid_spacing": 4.0, "learning_rate": 0.05}}.get(transform, {"learning_rate": 0.1})
+    result = register.nonrigid(moving, fixed, transform=transform, regulariser="bending", regulariser_weight=0.1,
+                               steps=(100, 100, 60), crop=crop, **kwargs)
     error = np.linalg.norm(result.ddf.numpy() - true_ddf, axis=-1)[0]
     structure = spatial.smooth(np.abs(fixed - fixed.mean())[None], 1.0).numpy()[0] > 0.05  # where there is something to match
     sampled = (spatial.reference_grid(moving.shape).numpy() + true_ddf[0]).round()  # voxel of moving each one pulls from
@@ -97,10 +99,35 @@ def test_label_term_drives_label_overlap_up():
     moving_label = (moving > np.percentile(moving, 90)).astype(np.float32)
     fixed_label = spatial.warp(moving_label[None], true_ddf, interpolation="nearest").numpy()[0]
     flat = np.full_like(moving, 0.5)  # no image information at all: only the labels can drive it
-    result = register.nonrigid(flat, flat, moving_label=moving_label, fixed_label=fixed_label, label_weight=1.0, steps=(60, 60, 40))
+    result = register.nonrigid(flat, flat, moving_label=moving_label, fixed_label=fixed_label, label_weight=1.0,
+                               transform="ddf", regulariser="bending", regulariser_weight=1.0, learning_rate=0.1,
+                               steps=(60, 60, 40))
     before = metrics.dice(moving_label > 0.5, fixed_label > 0.5)
     after = metrics.dice(result.warp(moving_label) >= 0.5, fixed_label > 0.5)
     assert after > before + 0.1, f"Dice {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(crop=0.5, transform="ddf"), "below 1 only for transform='bspline'"), (dict(crop=1.5), r"in \(0, 1\]"),
+     (dict(crop=0.0), "crop must be a finite number > 0"), (dict(seed=-1), "seed must be a whole number >= 0")],
+)
+def test_nonrigid_refuses_bad_crops_and_seeds(kwargs, match):
+    image = blobs(shape=(12, 12, 12))
+    with pytest.raises(ValueError, match=match):
+        register.nonrigid(image, image, levels=1, steps=1, **kwargs)
+
+
+def test_a_multilevel_registration_compiles_its_step_once_per_level():
+    # Each level's image size (and the finest level's box) is compiled once, and kept for the next call.
+    moving = blobs(shape=(10, 13, 14), seed=9)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
+    step = register._nonrigid_loss_and_grads("ssd", "l1", "bspline", False, False)
+    before = step.experimental_get_tracing_count()
+    register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5)
+    assert step.experimental_get_tracing_count() - before == 3
+    register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5, seed=1)
+    assert step.experimental_get_tracing_count() - before == 3
 
 
 def test_nonrigid_calls_of_one_size_share_compiled_steps_but_not_their_arguments():
@@ -193,8 +220,8 @@ def test_numeric_options_are_checked_before_any_work(function, option, value):
     [
         (register.affine, {"levels": 3}, (4, 4, 4), 5),
         (register.affine, {"levels": 1}, (1, 4, 4), 2),
-        (register.nonrigid, {"levels": 3}, (4, 4, 4), 9),
-        (register.nonrigid, {"levels": 3, "regulariser": "l2"}, (4, 4, 4), 5),
+        (register.nonrigid, {"levels": 3, "regulariser": "bending"}, (4, 4, 4), 9),
+        (register.nonrigid, {"levels": 3}, (4, 4, 4), 5),
     ],
 )
 def test_too_small_images_are_refused_with_the_real_minimum(function, options, small, minimum):
@@ -329,14 +356,15 @@ def test_nonrigid_without_points_is_unchanged():
     fixed = blobs(shape=(16, 20, 20), seed=3)
     field = spatial.smooth(np.random.default_rng(4).normal(size=(1, 16, 20, 20, 3)).astype(np.float32), 4.0).numpy()
     moving = spatial.warp(fixed[None], field * 1.5 / np.linalg.norm(field, axis=-1).mean()).numpy()[0]
-    result = register.nonrigid(moving, fixed, transform="ddf", levels=2, steps=(15, 10))
+    tutorial = dict(regulariser="bending", regulariser_weight=1.0, learning_rate=0.1)  # the defaults of then
+    result = register.nonrigid(moving, fixed, transform="ddf", levels=2, steps=(15, 10), **tutorial)
     np.testing.assert_allclose(np.abs(result.ddf.numpy()).sum(), 5681.5888671875, rtol=1e-5)
     np.testing.assert_allclose(np.abs(result.history).sum(), 0.8399649374186993, rtol=1e-5)
     labels = [(image > 0.3).astype(np.float32) for image in (moving, fixed)]
     start = register.affine(moving, fixed, levels=2, steps=10)
     result = register.nonrigid(moving, fixed, moving_label=labels[0], fixed_label=labels[1], label_weight=1.0,
                                transform="bspline", grid_spacing=2.0, loss="ssd", initial=start, levels=2,
-                               steps=(15, 10))
+                               steps=(15, 10), crop=1.0, **tutorial)
     np.testing.assert_allclose(np.abs(result.ddf.numpy()).sum(), 11552.537109375, rtol=1e-5)
     np.testing.assert_allclose(np.abs(result.history).sum(), 1.3035557139664888, rtol=1e-5)
 
@@ -373,6 +401,8 @@ def test_point_term_pulls_the_registration_to_known_correspondences(start):
          r"fixed_points: 5 of 5 points lie outside the grid \[12, 12, 12\]"),
         (dict(fixed_points=np.ones((5, 3)), moving_points=np.full((5, 3), np.nan), point_weight=1.0), "NaN"),
         (dict(fixed_points=np.ones((5, 3)), moving_points=np.ones((5, 3)), point_weight=-1.0), "point_weight"),
+        (dict(fixed_points=np.ones((5, 3)), moving_points=np.ones((5, 3)), point_weight=1.0, crop=0.5),
+         "below 1 only for transform='bspline' without points"),
     ],
 )
 def test_nonrigid_refuses_bad_points(kwargs, match):

@@ -223,8 +223,8 @@ def _add_register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("fixed", metavar="FIXED", help="image to match: a file or a DICOM folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--method", default="bspline",
-                        help="nonrigid step: bspline (default), ddf or svf (register.nonrigid with chapter 4's "
-                             "settings), demons (diffeomorphic demons, register.demons), or network: the pretrained "
+                        help="nonrigid step: bspline (default), ddf or svf (register.nonrigid's defaults, chapter "
+                             "4's), demons (diffeomorphic demons, register.demons), or network: the pretrained "
                              "lung CT network, for chest CTs in HU only (teachreg.scans.METHODS)")
     parser.add_argument("--moving-label", metavar="FILE", help="with --fixed-label: binary masks for Dice (not used "
                         "to register)")

@@ -107,7 +107,7 @@ VERSION = 4  # bump when the output changes, so that cached builds are redone
 # Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
 # weights are tried in turn until the displacement does not fold.
 REGISTRATION = dict(loss="ssd", regulariser="bending", label_weight=1.0, transform="bspline", grid_spacing=2.0,
-                    levels=2, steps=(100, 200), learning_rate=0.2)
+                    levels=2, steps=(100, 200), learning_rate=0.2, crop=1.0)
 REGULARISER_WEIGHTS = (1.0, 2.0, 4.0)
 # Motions with point pairs (keypoints, landmarks): the point term's weight (squared voxels of the
 # halved grid), the fraction of the points held out of the fit to measure it (seeded split), the

@@ -5,12 +5,7 @@ Plain Python values, no TensorFlow: the command line reads them before it loads 
 
 from __future__ import annotations
 
-__all__ = ["LUNG_CLASSICAL", "LUNG_GRID", "LUNG_REFINE_STEPS", "LUNG_SPACING", "PROSTATE_NONRIGID"]
-
-PROSTATE_NONRIGID = dict(transform="bspline", grid_spacing=16, regulariser="l2", regulariser_weight=0.1,
-                         levels=3, steps=(100, 100, 50), learning_rate=0.5)
-"""`register.nonrigid`'s options for the prostate pair: chapter 4's defaults (LNCC; a B-spline
-control point every 16 voxels of the finest level, the diffusion regulariser, 3 levels)."""
+__all__ = ["LUNG_CLASSICAL", "LUNG_GRID", "LUNG_REFINE_STEPS", "LUNG_SPACING"]
 
 LUNG_GRID = (104, 96, 96)
 """Voxels (z, y, x) of the lung CT pairs: half the Learn2Reg grid (208 x 192 x 192)."""
@@ -19,10 +14,11 @@ LUNG_SPACING = (3.5, 2.5, 3.5)
 """Voxel size in mm (z, y, x) of the lung CT pairs: twice Learn2Reg's 1.75 x 1.25 x 1.75 mm."""
 
 LUNG_CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", regulariser_weight=0.1,
-                      learning_rate=0.2, levels=3, steps=(100, 100, 50))
+                      learning_rate=0.2, levels=3, steps=(100, 100, 50), crop=1.0)
 """`register.nonrigid`'s options for the classical registration the lung network is compared with
 (chapter 5 and `make bench`): chapter 4's optimiser with LNCC, a B-spline grid every 8 voxels and
-the diffusion regulariser; it sees no labels, as the network at inference."""
+the diffusion regulariser, fitted on the whole image at every step; it sees no labels, as the
+network at inference."""
 
 LUNG_REFINE_STEPS = (50, 30, 0)
 """Steps per level of `LUNG_CLASSICAL` started from the network's DDF: chapter 5's "old and new

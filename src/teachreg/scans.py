@@ -17,6 +17,7 @@ The field pulls: it maps each point of the fixed image to its match in the movin
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import time
@@ -33,7 +34,7 @@ __all__ = ["METHODS", "AFFINE", "DEMONS", "OUTPUTS", "Progress", "resample", "re
 
 METHODS = ("bspline", "ddf", "svf", "demons", "network")
 """`register_files`'s nonrigid methods: the three transforms of `register.nonrigid` (with
-`presets.PROSTATE_NONRIGID`'s settings, chapter 4's), `register.demons` (with `DEMONS`: it compares
+its defaults, chapter 4's), `register.demons` (with `DEMONS`: it compares
 intensities directly, so both scans should share a contrast) and the pretrained lung CT network."""
 
 DEMONS = dict(diffeomorphic=True, levels=3, steps=(30, 30, 30))
@@ -169,7 +170,7 @@ def register_files(moving, fixed, out, method: str = "bspline", moving_label=Non
             for image in (moving_image, fixed_image)]
 
     nonrigid = ({} if method == "network" else dict(DEMONS) if method == "demons"
-                else dict(presets.PROSTATE_NONRIGID, transform=method))
+                else dict(transform=method, steps=inspect.signature(register.nonrigid).parameters["steps"].default))
     total = (sum(AFFINE["steps"]) if affine else 0) + (sum(nonrigid["steps"]) if nonrigid else 1)
     initial = register.affine(*pair, **AFFINE, callback=_counter(progress, "affine", 0, total)) if affine else None
     done = sum(AFFINE["steps"]) if affine else 0
