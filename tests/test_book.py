@@ -61,6 +61,8 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1280, "height": 900}
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+MIN_SCALE = 0.9  # a figure shown smaller than this fraction of its natural width is hard to read
+RUN_TIME = "Running this chapter takes"
 # Modules that are not part of the course's API: the command line (on the set-up and data pages),
 # the demo script, private helpers.
 NOT_IN_API = {"cli", "demo"}
@@ -185,6 +187,7 @@ async () => {
       src: img.getAttribute("src"), alt: (img.getAttribute("alt") || "").trim(),
       loaded: img.complete && img.naturalWidth > 0,
       output: !!img.closest(".cell_output"),
+      natural: img.naturalWidth, shown: img.clientWidth,  // 0 shown: in a closed dropdown
     })),
     math: math.length,
     mathjax: !!(window.MathJax && MathJax.startup),
@@ -225,6 +228,21 @@ def widget_views(page: str) -> int:
     )
 
 
+def save_screenshot(tab, path: Path) -> None:
+    """Save the whole page for a reviewer, or the viewport where Chromium cannot.
+
+    The picture is an artifact, not a check: Chromium sometimes refuses a full-page
+    capture ("Unable to capture screenshot", playwright issue 32144) on a page that
+    renders well, so one refusal falls back to the visible part.
+    """
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:
+        tab.screenshot(path=str(path), full_page=True)
+    except PlaywrightError:
+        tab.screenshot(path=str(path))
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_in_a_browser(page, browser, site, screenshots):
     problems: list[str] = []
@@ -245,7 +263,7 @@ def test_page_in_a_browser(page, browser, site, screenshots):
         response = tab.goto(f"{site}/{page}.html", wait_until="load")
         assert response is not None and response.ok, f"{page}.html: HTTP {response and response.status}"
         report = tab.evaluate(INSPECT)
-        tab.screenshot(path=str(screenshots / f"{page}.png"), full_page=True)
+        save_screenshot(tab, screenshots / f"{page}.png")
     finally:
         context.close()
 
@@ -257,6 +275,14 @@ def test_page_in_a_browser(page, browser, site, screenshots):
             problems.append(f"image without alt text: {image['src']}")
         elif image["output"] and len(image["alt"]) <= 20:
             problems.append(f"figure with a too short alt text ({image['alt']!r}): {image['src']}")
+        if image["output"] and 0 < image["shown"] < MIN_SCALE * image["natural"]:
+            problems.append(
+                f"figure shrunk to {image['shown'] / image['natural']:.0%} of its {image['natural']} px "
+                f"(make it at most plots.COLUMN_WIDTH wide): {image['src']}"
+            )
+    # every chapter says at its top how long it runs
+    if page.startswith("ch") and RUN_TIME not in report["prose"][:2000]:
+        problems.append(f"no {RUN_TIME!r} near the top of the chapter")
     # maths: typeset by MathJax, nothing raw left
     if report["math"] and not report["mathjax"]:
         problems.append(f"{report['math']} maths elements but MathJax did not load")
