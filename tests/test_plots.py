@@ -85,3 +85,30 @@ def test_diagram_joins_boxes_by_arrows_that_stop_at_their_edges():
     assert texts["level"].get_position() == pytest.approx((2.5, 1.08)) and texts["level"].get_va() == "bottom"
     assert texts["up"].get_position() == pytest.approx((4.1, 2.0)) and texts["up"].get_ha() == "left"
     plt.close(fig)
+
+
+def test_figures_fit_the_books_column_under_its_style():
+    """A figure wider than the column is shrunk by the browser, and its text with it."""
+    volume = np.random.default_rng(0).random((4, 30, 40))
+    with plt.style.context(plots.BOOK_STYLE):
+        column_px = plots.COLUMN_WIDTH * plt.rcParams["figure.dpi"]
+        assert column_px <= 688  # the width the rendered book gives an output (tests/test_book.py)
+        grid = plots.show_slice_grid([volume] * 5, list("abcde"), [1, 2])
+        assert grid.get_size_inches()[0] == pytest.approx(plots.COLUMN_WIDTH)
+        two = plots.show_slice_grid([volume] * 2, ["a", "b"], [1])
+        assert two.get_size_inches()[0] == pytest.approx(4.0)  # two panels of 2 in: no need to shrink
+        wide = plots.diagram({"a": (1.0, 1.0, "a", "orange")}, [], size=(12.4, 3.0))
+        np.testing.assert_allclose(wide.get_size_inches(), (plots.COLUMN_WIDTH, 1.5))
+        assert wide.axes[0].get_xlim() == (0, 12.4)  # the boxes keep their coordinates
+    for fig in (grid, two, wide):
+        plt.close(fig)
+
+
+def test_show_overlap_names_its_colours_only_when_asked():
+    image, truth, prediction = np.zeros((6, 6)), np.eye(6), np.fliplr(np.eye(6))
+    fig, (left, right) = plt.subplots(1, 2)
+    plots.show_overlap(image, truth, prediction, ax=left, legend=False)
+    plots.show_overlap(image, truth, prediction, ax=right)
+    assert left.get_legend() is None
+    assert [t.get_text() for t in right.get_legend().get_texts()] == list(plots.OVERLAP_COLOURS)
+    plt.close(fig)

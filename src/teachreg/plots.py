@@ -18,6 +18,8 @@ __all__ = [
     "LABEL_COLOURS",
     "LiveLoss",
     "OKABE_ITO",
+    "BOOK_STYLE",
+    "COLUMN_WIDTH",
     "OVERLAP_COLOURS",
     "PLANES",
     "contours",
@@ -30,6 +32,12 @@ __all__ = [
     "show_slice_grid",
     "show_slices",
 ]
+
+COLUMN_WIDTH = 6.2
+"""The widest figure (inches) that the book shows at its natural size under `BOOK_STYLE`:
+6.2 in x 110 dpi = 682 px, inside the 688 px the rendered book gives an output on a laptop."""
+BOOK_STYLE = {"figure.dpi": 110, "font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7}
+"""The chapters' matplotlib settings, `plt.style.use(plots.BOOK_STYLE)`: text 8 pt, 12 px tall."""
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with deuteranopia and protanopia.
 OKABE_ITO = {
@@ -111,19 +119,20 @@ def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: s
 def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str = ""):
     """A block diagram: boxes of text joined by arrows that stop at the boxes' edges. Returns the figure.
 
-    size: the figure's (width, height) in inches, and the diagram's coordinates: x from 0 to width,
-    y from 0 to height (about inches: the axes fill most of the figure). boxes: `{name: (x, y, text, colour)}`: the centre of each box,
+    size: the diagram's coordinates, x from 0 to width and y from 0 to height, and the figure's
+    (width, height) in inches, scaled down to `COLUMN_WIDTH` if wider. boxes: `{name: (x, y, text, colour)}`: the centre of each box,
     its text (several lines allowed) and an `OKABE_ITO` colour name for its fill. arrows:
     `(start, end, label, bend)`: the names of two boxes, a label ("" for none) written above the
     midpoint of the two boxes' centres for a level arrow or to its right for any other (beside a
     straight arrow; a bent one passes elsewhere), and the arrow's curvature (0: straight;
     as matplotlib's "arc3" connection style, positive bends it to the right of its direction).
     """
-    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    fit = min(1.0, COLUMN_WIDTH / size[0])
+    fig, ax = plt.subplots(figsize=(size[0] * fit, size[1] * fit), layout="constrained")
     ax.set(xlim=(0, size[0]), ylim=(0, size[1]))
     ax.axis("off")
     texts = {
-        name: ax.text(x, y, text, ha="center", va="center", fontsize=10,
+        name: ax.text(x, y, text, ha="center", va="center",
                       bbox={"boxstyle": "round,pad=0.5", "ec": "0.3", "fc": OKABE_ITO[colour] + "55"})
         for name, (x, y, text, colour) in boxes.items()
     }
@@ -136,7 +145,7 @@ def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str
             (x0, y0, *_), (x1, y1, *_) = boxes[start], boxes[end]
             level = abs(y1 - y0) < 0.3
             ax.text((x0 + x1) / 2 + (0 if level else 0.1), (y0 + y1) / 2 + (0.08 if level else 0), label,
-                    fontsize=9, ha="center" if level else "left", va="bottom" if level else "center")
+                    fontsize="small", ha="center" if level else "left", va="bottom" if level else "center")
     ax.set_title(title)
     return fig
 
@@ -151,14 +160,19 @@ def overlap_image(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
     return out
 
 
-def show_overlap(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, ax=None, title: str = "", aspect: float = 1.0):
-    """Overlay true positives, false positives and false negatives of two 2-D masks on a 2-D image."""
+def show_overlap(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, ax=None, title: str = "",
+                 aspect: float = 1.0, legend: bool = True):
+    """Overlay true positives, false positives and false negatives of two 2-D masks on a 2-D image.
+
+    `legend`: name the three colours in the panel (pass False to all but one panel of a figure).
+    """
     ax = ax or plt.gca()
     ax.imshow(image, cmap="gray", aspect=aspect)
     cmap = ListedColormap(["none", *OVERLAP_COLOURS.values()])
     ax.imshow(overlap_image(truth, prediction), cmap=cmap, vmin=0, vmax=3, alpha=0.75, interpolation="nearest", aspect=aspect)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in OVERLAP_COLOURS.values()]
-    ax.legend(handles, list(OVERLAP_COLOURS), loc="lower right", fontsize=7, framealpha=0.8)
+    if legend:
+        ax.legend(handles, list(OVERLAP_COLOURS), loc="lower right", fontsize="small", framealpha=0.8)
     ax.set_title(title)
     ax.axis("off")
     return ax
@@ -196,7 +210,7 @@ class LiveLoss:
         self.every, self.title, self.logy = every, title, logy
         self.values: list[float] = []
         self.levels: list[int] = []
-        self.fig, self.ax = plt.subplots(figsize=(6, 3))
+        self.fig, self.ax = plt.subplots(figsize=(5, 2.5))
         plt.close(self.fig)  # shown through the display handle only
         self.handle = display(self.fig, display_id=True)
 
@@ -219,7 +233,7 @@ class LiveLoss:
         if self.logy:
             self.ax.set_yscale("log")
         self.ax.set_title(self.title)
-        self.ax.legend(fontsize=8)
+        self.ax.legend()
         self.fig.tight_layout()
         if self.handle is not None:
             self.handle.update(self.fig)
@@ -238,6 +252,7 @@ def show_slice_grid(
     labels: Sequence[np.ndarray | None] | None = None,
     cmap: str = "gray",
     suptitle: str | None = None,
+    panel: float = 2.0,
 ):
     """Show several cuts of each volume `[D, H, W]`: one row per index in `indices`, one column per volume.
 
@@ -245,14 +260,17 @@ def show_slice_grid(
     and sagittal `volume[:, :, k]` reformats, drawn with z (inferior to superior) upwards.
     `spacing` (mm, z y x) sets the pixel aspect ratio. `labels`: per volume, masks `[D, H, W]` or
     `[D, H, W, L]` drawn as contours, or None. Each volume keeps one grey range in all its cuts.
+    `panel`: the width of one cut in inches, at most `COLUMN_WIDTH` over the number of volumes.
     Returns the figure.
     """
     spacing = (1.0, 1.0, 1.0) if spacing is None else spacing
     kept = [i for i in range(3) if i != axis]  # the cut's (rows, columns) axes
     aspect = spacing[kept[0]] / spacing[kept[1]]
     height_ratio = volumes[0].shape[kept[0]] * aspect / volumes[0].shape[kept[1]]
+    panel = min(panel, COLUMN_WIDTH / len(volumes))
     fig, axes = plt.subplots(
-        len(indices), len(volumes), figsize=(2.6 * len(volumes), 2.6 * height_ratio * len(indices) + 0.6), squeeze=False
+        len(indices), len(volumes), figsize=(panel * len(volumes), panel * height_ratio * len(indices) + 0.5),
+        squeeze=False,
     )
     for r, index in enumerate(indices):
         for c, volume in enumerate(volumes):
@@ -262,7 +280,7 @@ def show_slice_grid(
                       vmin=np.min(volume), vmax=np.max(volume))
             if labels is not None and labels[c] is not None:
                 contours(ax, np.take(labels[c], index, axis=axis))
-            ax.set_title(f"{titles[c]}, {PLANES[axis]} {index}", fontsize=9)
+            ax.set_title(f"{titles[c]}, {PLANES[axis]} {index}", fontsize="medium")
             ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle)
