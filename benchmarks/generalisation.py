@@ -18,17 +18,15 @@ import json
 import numpy as np
 
 from teachreg import evaluate, lung, network
-from teachreg.data import load
 
 
 def motions() -> list[tuple[str, str, lung.Motion]]:
-    """(split, patient, motion) for every patient's masks, one motion from each breathing state."""
+    """(split, patient, motion) for every patient of `lung.MOTIONS`, one motion from each breathing state."""
     found = []
-    for split, cases in lung.MOTIONS.items():
-        for mask_split, case in cases:
-            patient = f"l2r_case{case:03d}"
-            masks = load("lung_masks", case=case, split=mask_split)
-            found += [(split, patient, m) for m in lung.breathing_motions(masks, patient)]
+    for split, patients in lung.MOTIONS.items():
+        for kind, case in patients:
+            found += [(split, lung.patient_name(kind, case), m) for m in lung.patient_motions(
+                kind, case, ("expiration", "inspiration"), lung.presets.LUNG_GRID, lung.presets.LUNG_SPACING)]
     return found
 
 

@@ -203,7 +203,7 @@ def test_dirlab_expert_landmarks_give_the_published_initial_error(mirrored, case
     assert initial == pytest.approx(DIRLAB_INITIAL_MM[case - 1], abs=0.05)
     refined, _ = data.read_landmarks(paths[f"lung_motion/dirlab4dct/new_case{case}.mat"])
     assert np.linalg.norm((refined - inspiration) * spacing, axis=-1).mean() < 1.0
-    dense_insp, dense_exp = data.read_landmarks(paths[f"lung_motion/dirlab4dct/dense_case{case}.mat"])
-    assert dense_insp.shape == dense_exp.shape and len(dense_insp) >= 1000
+    dense_insp, dense_exp, dense_spacing = data.load("lung_landmarks_dirlab4dct", case=case)
+    assert dense_insp.shape == dense_exp.shape and len(dense_insp) >= 1000 and dense_spacing == spacing
     for points in (inspiration, expiration, dense_insp, dense_exp):
         assert np.all(points >= 0) and np.all(points <= np.asarray(shape) - 1)

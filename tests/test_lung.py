@@ -8,6 +8,7 @@ tests that need data are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,8 +106,13 @@ def test_same_seed_gives_identical_files_and_rebuilds_are_cached(tmp_path, tiny,
 def test_train_and_test_share_no_patient_and_no_motion():
     cts = {split: {name for name, _, _, s in lung.CTS if s == split} for split in ("train", "test")}
     assert not cts["train"] & cts["test"] and "l2r_case001" in cts["test"]
-    motions = {split: {case for _, case in lung.MOTIONS[split]} for split in ("train", "test")}
-    assert not motions["train"] & motions["test"] and 1 in motions["test"]
+    motions = {split: {lung.patient_name(*m) for m in lung.MOTIONS[split]} for split in ("train", "test")}
+    assert not motions["train"] & motions["test"]
+    kinds = {kind: sum(k == kind for k, _ in lung.MOTIONS["test"]) for kind in ("l2r", "copd", "dirlab4dct")}
+    assert "l2r_case001" in motions["test"] and kinds == {"l2r": 3, "copd": 2, "dirlab4dct": 2}
+    cases = {split: {(kind, case[1] if kind == "l2r" else case) for kind, case in lung.MOTIONS[split]}
+             for split in ("train", "test")}
+    assert not cases["train"] & cases["test"]  # a Learn2Reg case is one patient whatever its mask split
     patients = {name for name, _, _, _ in lung.CTS}
     assert len(patients) == len(lung.CTS)
 
@@ -229,7 +235,7 @@ def small_dataset(monkeypatch, inputs):
     monkeypatch.setenv("TEACHREG_DATA_DIR", str(Path(masks[0]).parents[3]))
     monkeypatch.setattr(lung, "CTS", tuple((f"ct64_{split}", lambda: read_volume(Path(ct)), "inspiration",
                                             split) for split in ("train", "test")))
-    monkeypatch.setattr(lung, "MOTIONS", {split: (("test", 12),) for split in ("train", "test")})
+    monkeypatch.setattr(lung, "MOTIONS", {split: (("l2r", ("test", 12)),) for split in ("train", "test")})
 
 
 def test_other_parameters_rebuild_only_the_splits_asked_for(tmp_path, small_dataset):
@@ -552,6 +558,37 @@ def test_drawn_pairs_need_a_motion_from_a_cts_state():
     sources, motions = _parts()
     with pytest.raises(ValueError, match="no motion starts at the breathing state of a CT"):
         lung.draw_pairs(sources[:1], motions[1:], 1, seed=0, epoch=0, **SMALL_GRID)
+
+
+def test_drawn_pairs_skip_landmark_motions_whose_landmarks_miss_the_ct_lungs():
+    sources, motions = _parts()
+    source, motion = sources[0], motions[0]
+    inside = dataclasses.replace(motion, name="phantom_inside", points=(source.lo + source.hi)[None] / 2)
+    outside = dataclasses.replace(motion, name="phantom_outside", points=source.lo[None] - 20.0)
+    assert lung.landmarks_inside(source, inside) == 1.0 and lung.landmarks_inside(source, outside) == 0.0
+    with pytest.raises(data.DataError, match="phantom_outside's landmarks fall inside the lungs"):
+        lung.make_pair(source, outside, "refused", **SMALL_GRID)
+    pairs = lung.draw_pairs([source], [outside, inside], 4, seed=0, epoch=0, **SMALL_GRID)
+    assert len(pairs) == 4  # all with the motion whose landmarks lie in the lungs
+    with pytest.raises(ValueError, match="no motion starts at the breathing state of a CT"):
+        lung.draw_pairs([source], [outside], 1, seed=0, epoch=0, **SMALL_GRID)
+
+
+def test_build_leaves_out_landmark_motions_that_miss_a_cts_lungs(tmp_path, monkeypatch):
+    source = _textured("expiration", "phantom_exp")
+    motion = _breathing(source, "phantom_exp")
+    inside = dataclasses.replace(motion, name="inside_exp2ins", points=(source.lo + source.hi)[None] / 2)
+    outside = dataclasses.replace(motion, name="outside_exp2ins", points=source.lo[None] - 20.0)
+    volume = data.Volume(source.image, tuple(source.spacing), (source.lung[..., None] > 0.5).astype(np.uint8), ("lung",),
+                         "phantom")
+    monkeypatch.setattr(lung, "_inputs", lambda split, grid, spacing, user: (
+        [("phantom_exp", lambda: volume, "expiration", "CT phantom_exp")],
+        [("inside", lambda states: [inside]), ("outside", lambda states: [outside])]))
+    monkeypatch.setattr(lung, "check_lungs", lambda source, where: (1.0, -800.0))
+    lung.build(tmp_path, splits=("test",), progress=False, **SMALL_GRID)
+    record = json.loads((tmp_path / "build.json").read_text())["splits"]["test"]
+    assert list(record["pairs"]) == ["case_001"] and record["pairs"]["case_001"]["motion"] == "inside_exp2ins"
+    assert record["skipped"] == {"phantom_exp + outside_exp2ins": "0% of the landmarks in the CT's lungs"}
 
 
 def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):

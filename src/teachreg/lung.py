@@ -6,13 +6,14 @@ pair is built from real parts (`build`, or `teachreg data build-lung`):
 1. A real chest CT (one breathing state of one patient) in HU, and its lungs: the real mask where
    there is one (Learn2Reg case_001, CIP ct-64), else segmented (`segment_lungs`); a CT whose
    lungs are not those of an adult chest CT (`check_lungs`: volume, density) is refused.
-2. A real breathing motion: the displacement between one Learn2Reg patient's expiration and
-   inspiration lung masks, found by registering the masks with `teachreg.register.nonrigid`
+2. A real breathing motion (`MOTIONS`, `patient_motions`): the displacement between one
+   Learn2Reg or DIR-Lab COPD patient's expiration and inspiration lung masks, found by
+   registering the masks with `teachreg.register.nonrigid`
    (Dice and SSD of the masks, bending energy, cubic B-spline, on the grid halved) in both
    directions (`estimate_motion`), with the keypoint correspondences inside the lungs where
    there are some (the point term, `POINT_WEIGHT`: the masks alone say nothing about the motion
-   inside the lungs); without masks, the thin-plate spline through landmark pairs
-   (`landmark_motion`). The scans are not aligned beforehand, so the displacement
+   inside the lungs); without masks (DIR-Lab 4D-CT), the thin-plate spline through landmark
+   pairs (`landmark_motion`). The scans are not aligned beforehand, so the displacement
    also holds any change in the patient's position between them.
 3. The motion is carried to the CT by the affine map that matches the lungs' bounding boxes, and
    the CT is warped with it into the other breathing state; inside the lungs its density is
@@ -39,8 +40,11 @@ its widest slice, the scan's field of view cut it there; both masks are then cut
 before registering, so that the missing lung does not distort the motion.
 
 Split by patient and by motion: the test CTs (Learn2Reg case_001, ITKElastix) and test motions
-(Learn2Reg cases 1, 11, 12) never appear in training; case_001's CT with its own motion is a
-test pair, and `build.json` gives the Dice of its warped expiration mask with its real
+(Learn2Reg cases 1, 11, 12, COPD cases 1 and 2, 4D-CT cases 1 and 6) never appear in training;
+Lung-PET-CT-Dx A0002 is in no split (its 8 mm slices are too coarse, `MAX_Z_SPACING`). Every CT
+takes every motion of its split that starts at its breathing state, except a landmark motion whose
+landmarks miss the CT's lungs once mapped (`landmarks_inside`; case_001's scan misses the lung base
+and apex). case_001's CT with its own motion is a test pair, and `build.json` gives the Dice of its warped expiration mask with its real
 inspiration mask. Each split's content depends only on the parameters and `seed`, not on which
 splits are built, so `build(splits=("test",))` alone is fast. Training pairs may instead be drawn
 afresh for every epoch (`draw_pairs`; the training config's `data.draw`): a training CT with a
@@ -62,7 +66,10 @@ parameters give byte-identical files), and::
                                   (and may replace)
     build.json                    per split: its parameters (seed
                                   included), per-motion and per-pair
-                                  statistics (mask Dice, mm, sources);
+                                  statistics (mask Dice, mm, sources),
+                                  "skipped": the CT and landmark
+                                  motion couples left out because
+                                  the CT's lungs miss the landmarks;
                                   "parameters": the last split's
 """
 
@@ -92,7 +99,7 @@ __all__ = [
     "REGISTRATION", "REGULARISER_WEIGHTS", "CTS", "MOTIONS", "Source", "Motion",
     "HELD_OUT", "POINT_WEIGHT", "POINT_REGULARISER_WEIGHTS", "MAX_HELD_OUT_MM", "INSIDE_FRACTION", "MAX_Z_SPACING", "LANDMARK_MARGIN_MM",
     "segment_lungs", "prepare_ct", "check_lungs", "estimate_motion", "landmark_motion", "breathing_motions",
-    "make_pair", "build", "AMPLITUDE", "PERTURBATION_MM", "PERTURBATION_SIGMA_MM", "FOLD_RETRIES", "split_parts",
+    "landmarks_inside", "patient_name", "patient_motions", "make_pair", "build", "AMPLITUDE", "PERTURBATION_MM", "PERTURBATION_SIGMA_MM", "FOLD_RETRIES", "split_parts",
     "vary_motion", "draw_pairs",
 ]
 
@@ -103,7 +110,7 @@ HU_AIR = -1000.0
 LUNG_LITRES = (1.5, 12.0)
 LUNG_HU = (-975.0, -400.0)
 MARKER = ".teachreg-split"  # in every split folder `build` made: it replaces no other folder
-VERSION = 4  # bump when the output changes, so that cached builds are redone
+VERSION = 5  # bump when the output changes, so that cached builds are redone
 # Mask registration: on the grid halved, then the DDF resized to the grid; the bending energy's
 # weights are tried in turn until the displacement does not fold.
 REGISTRATION = dict(loss="ssd", regulariser="bending", label_weight=1.0, transform="bspline", grid_spacing=2.0,
@@ -114,7 +121,7 @@ REGULARISER_WEIGHTS = (1.0, 2.0, 4.0)
 # largest mean held-out error (mm) a motion may keep, and the fraction of points that must lie
 # inside the lungs of their own state (keypoints) or of the CT once mapped onto it (landmarks).
 POINT_WEIGHT = 0.2
-POINT_REGULARISER_WEIGHTS = (1.0, 2.0, 4.0, 8.0)  # as REGULARISER_WEIGHTS, for fits with points (COPD needs 8)
+POINT_REGULARISER_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # as REGULARISER_WEIGHTS, for fits with points
 HELD_OUT = 0.2
 MAX_HELD_OUT_MM = 5.0
 INSIDE_FRACTION = 0.9
@@ -142,11 +149,17 @@ CTS = (
     ("cptac", lambda: load("chest_ct_cptac"), "inspiration", "train"),
     ("cip_ct64", lambda: load("chest_ct_cip")[0], "inspiration", "train"),
     ("cip_testinput", lambda: load("chest_ct_cip")[1], "inspiration", "train"),
+    ("lidc_0314", lambda: load("chest_ct_lidc_0314"), "inspiration", "train"),
+    ("lungdx_a0001", lambda: load("chest_ct_lungdx_a0001"), "inspiration", "train"),
 )
-# Learn2Reg mask pairs giving the motions: (mask split, case) per dataset split.
+# The patients whose breathing gives the motions, per dataset split: ("l2r", (mask split, case)) a
+# Learn2Reg patient (lung masks and corrField keypoints), ("copd", case) a DIR-Lab COPD patient
+# (masks and keypoints), ("dirlab4dct", case) a DIR-Lab 4D-CT patient (landmarks, no masks).
 MOTIONS = {
-    "test": (("train", 1), ("test", 11), ("test", 12)),
-    "train": tuple(("train", c) for c in (2, 3, 4, 5, 6, 7, 9, 10, 13, 14, 15, 16, 17, 18, 19)),
+    "test": (("l2r", ("train", 1)), ("l2r", ("test", 11)), ("l2r", ("test", 12)), ("copd", 1), ("copd", 2),
+             ("dirlab4dct", 1), ("dirlab4dct", 6)),
+    "train": (tuple(("l2r", ("train", c)) for c in (2, 3, 4, 5, 6, 7, 9, 10, 13, 14, 15, 16, 17, 18, 19))
+              + tuple(("copd", c) for c in range(3, 11)) + tuple(("dirlab4dct", c) for c in (2, 3, 4, 5, 7, 8, 9))),
 }
 
 
@@ -372,6 +385,10 @@ def estimate_motion(source_mask: Volume, target_mask: Volume, name: str, source:
     point_options = {}
     if pairs is not None:  # as grid voxels, then as voxels of the halved grid
         source_points, target_points = ((p * s - origin) / np.asarray(spacing) for p in pairs)
+        # a keypoint at the lungs' very edge may fall a fraction of a voxel outside the grid
+        on_grid = np.all([(p >= 0) & (p <= np.asarray(grid) - 1) for p in (source_points, target_points)],
+                         axis=(0, 2))
+        source_points, target_points = source_points[on_grid], target_points[on_grid]
         held, fitted = _held_out_split(len(target_points))
         to_coarse = (np.asarray(coarse[0].shape) - 1) / (np.asarray(grid) - 1)
         point_options = dict(fixed_points=target_points[fitted] * to_coarse,
@@ -493,6 +510,17 @@ def _invert(ddf: np.ndarray, name: str) -> tuple[np.ndarray, float]:
     return inverse.numpy()[0], residual
 
 
+def landmarks_inside(source: Source, motion: Motion) -> float:
+    """The fraction of a landmark motion's source-state landmarks that fall inside the lungs of CT
+    `source` once mapped onto it by the affine map between their lungs' bounding boxes (as
+    `make_pair` carries the motion); 1.0 for a motion without landmarks."""
+    if motion.points is None:
+        return 1.0
+    scale = (motion.hi - motion.lo) / np.maximum(source.hi - source.lo, 1e-6)
+    return float(_sample(source.lung, source.lung_spacing, source.lo + (motion.points - motion.lo) / scale,
+                         order=0).mean())
+
+
 def make_pair(source: Source, motion: Motion, name: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING,
               shift=(0.0, 0.0, 0.0)) -> tuple[Pair, dict]:
     """Carry `motion` to the CT `source` and build pair `name` on a grid centred on its lungs.
@@ -513,8 +541,7 @@ def make_pair(source: Source, motion: Motion, name: str, grid=presets.LUNG_GRID,
     scale = (motion.hi - motion.lo) / np.maximum(source.hi - source.lo, 1e-6)
     in_motion = (motion.lo + (points - source.lo) * scale - motion.origin) / spacing  # motion voxels
     if motion.points is not None:  # landmarks mapped onto the CT must lie in its lungs
-        inside = float(_sample(source.lung, source.lung_spacing, source.lo + (motion.points - motion.lo) / scale,
-                               order=0).mean())
+        inside = landmarks_inside(source, motion)
         if inside < INSIDE_FRACTION:
             raise DataError(f"{name}: only {inside:.0%} of motion {motion.name}'s landmarks fall inside the lungs of "
                             f"CT {source.name} once mapped onto it (at least {INSIDE_FRACTION:.0%} expected); check "
@@ -670,12 +697,19 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, user, progres
     n_pairs = len(cts) * len(motions)
     bar = tqdm(total=len(cts) + 2 * len(motions) + n_pairs, desc=f"lung CT {split}", disable=not progress)
     sources, estimated = _parts(cts, motions, spacing, bar)
+    couples = [(s, m) for s in sources for m in estimated if m.source == s.state]
+    skipped = {}
+    if user is None:  # the course's splits: a landmark motion goes on the CTs whose lungs hold its landmarks
+        inside = {(s.name, m.name): landmarks_inside(s, m) for s, m in couples}
+        skipped = {f"{s} + {m}": f"{f:.0%} of the landmarks in the CT's lungs" for (s, m), f in inside.items()
+                   if f < INSIDE_FRACTION}
+        couples = [(s, m) for s, m in couples if inside[s.name, m.name] >= INSIDE_FRACTION]
     work = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
         tmp = work / split
         tmp.mkdir()  # with the umask's permissions, as the folders in it (mkdtemp's are 0700)
         pairs = {}
-        for i, (source, motion) in enumerate((s, m) for s in sources for m in estimated if m.source == s.state):
+        for i, (source, motion) in enumerate(couples):
             case = f"case_{i + 1:03d}"
             key = [seed, *(hashlib.sha256(f"{split}/{source.name}/{motion.name}".encode()).digest()[:4])]
             shift = np.random.default_rng(key).uniform(-1, 1, 3)
@@ -690,12 +724,31 @@ def _build_split(root: Path, split: str, grid, spacing, seed: int, user, progres
     finally:
         shutil.rmtree(work, ignore_errors=True)
         bar.close()
-    return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs)
+    return dict(motions={m.name: m.stats for m in estimated}, pairs=pairs, **({"skipped": skipped} if skipped else {}))
 
 
-def _patient(case: int) -> str:
-    """The name of Learn2Reg patient `case`, as its motions' names begin."""
-    return f"l2r_case{case:03d}"
+def patient_name(kind: str, case) -> str:
+    """The name of a `MOTIONS` patient, as its motions' names begin: l2r_case001, copd_01, dirlab4dct_1."""
+    return {"l2r": lambda: f"l2r_case{case[1]:03d}", "copd": lambda: f"copd_{case:02d}",
+            "dirlab4dct": lambda: f"dirlab4dct_{case}"}[kind]()
+
+
+def patient_motions(kind: str, case, states, grid, spacing) -> list[Motion]:
+    """A `MOTIONS` patient's motions from each of `states`: fitted to its masks and keypoints
+    (`breathing_motions`), or the thin-plate spline through its landmarks (`landmark_motion`)."""
+    name = patient_name(kind, case)
+    if kind == "l2r":
+        mask_split, number = case
+        return breathing_motions(load("lung_masks", case=number, split=mask_split), name, states, grid, spacing,
+                                 load("lung_keypoints_l2r", case=number))
+    if kind == "copd":
+        masks, inspiration, expiration = load("lung_motion_copd", case=case)
+        return breathing_motions(masks, name, states, grid, spacing, (inspiration, expiration))
+    inspiration, expiration, landmark_spacing = load("lung_landmarks_dirlab4dct", case=case)
+    by_state = {"inspiration": inspiration, "expiration": expiration}
+    other = {"expiration": "inspiration", "inspiration": "expiration"}
+    return [landmark_motion(by_state[state], by_state[other[state]], landmark_spacing,
+                            f"{name}_{state[:3]}2{other[state][:3]}", state, grid, spacing) for state in states]
 
 
 def _inputs(split: str, grid, spacing, user) -> tuple[list, list]:
@@ -706,8 +759,8 @@ def _inputs(split: str, grid, spacing, user) -> tuple[list, list]:
         return ([(Path(ct).name, lambda: read_volume(Path(ct)), user["ct_state"], str(ct))],
                 [_user_motion(user, grid, spacing)])
     cts = [(name, loader, state, f"CT {name}") for name, loader, state, s in CTS if s == split]
-    motions = [(_patient(case), lambda states, s=s, c=case: breathing_motions(
-        load("lung_masks", case=c, split=s), _patient(c), states, grid, spacing)) for s, case in MOTIONS[split]]
+    motions = [(patient_name(kind, case), lambda states, k=kind, c=case: patient_motions(k, c, states, grid, spacing))
+               for kind, case in MOTIONS[split]]
     return cts, motions
 
 
@@ -732,7 +785,7 @@ def split_parts(split: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING
     """The course's split `split` ("train" or "test") in parts, as `build` makes its pairs from them:
     its CTs (`CTS`) prepared and checked, and its patients' motions (`MOTIONS`, estimated from their
     masks, on a grid of `grid` voxels of `spacing` mm) from each breathing state of those CTs.
-    About 4 minutes for "train" (4 CTs, 30 motions) on a 2-core CPU. Raises DataError as `build`."""
+    About 10 minutes for "train" (6 CTs, 60 motions) on a 2-core CPU. Raises DataError as `build`."""
     cts, motions = _inputs(split, grid, spacing, None)
     with tqdm(total=len(cts) + 2 * len(motions), desc=f"lung CT {split} parts", disable=not progress) as bar:
         return _parts(cts, motions, spacing, bar)
@@ -740,7 +793,7 @@ def split_parts(split: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING
 
 def _check_training(sources: list[Source], motions: list[Motion]) -> None:
     """Raise ValueError naming any CT or motion of the test split (`CTS`, `MOTIONS`, by name)."""
-    test = {name for name, _, _, split in CTS if split == "test"} | {_patient(c) for _, c in MOTIONS["test"]}
+    test = {name for name, _, _, split in CTS if split == "test"} | {patient_name(*m) for m in MOTIONS["test"]}
     leaked = [f"CT {s.name}" for s in sources if s.name in test]
     leaked += [f"motion {m.name}" for m in motions if m.name.rsplit("_", 1)[0] in test]
     if leaked:
@@ -786,16 +839,19 @@ def draw_pairs(sources: list[Source], motions: list[Motion], count: int, seed: i
     the same arrays).
 
     Each is a CT of `sources` with a motion of `motions` that starts at its breathing state, the
-    couple drawn uniformly among all such (as `build` couples them), the motion varied
+    couple drawn uniformly among all such whose landmarks, if any, fall in the CT's lungs
+    (`landmarks_inside`, at least `INSIDE_FRACTION`), the motion varied
     (`vary_motion`) and carried to the CT on a grid of `grid` voxels of `spacing` mm shifted at
     random (`make_pair`): exact DDF `[D, H, W, 3]` (voxels), mass-preserving density change. Named
     `drawn/EEE_III` (epoch, i). sources, motions: those of the training split (`split_parts("train")`
     on the same grid). Raises ValueError if any belongs to the test split (`CTS`, `MOTIONS`) or no
     motion starts at a CT's state; DataError as `make_pair` and `vary_motion`."""
     _check_training(sources, motions)
-    couples = [(s, m) for s in sources for m in motions if m.source == s.state]
+    couples = [(s, m) for s in sources for m in motions
+               if m.source == s.state and landmarks_inside(s, m) >= INSIDE_FRACTION]
     if not couples:
-        raise ValueError(f"no motion starts at the breathing state of a CT ({sorted({s.state for s in sources})}); "
+        raise ValueError(f"no motion starts at the breathing state of a CT ({sorted({s.state for s in sources})}) "
+                         f"with its landmarks, if any, inside that CT's lungs (at least {INSIDE_FRACTION:.0%}); "
                          "give motions from the CTs' states")
     pairs = []
     for i in range(count):

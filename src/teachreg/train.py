@@ -407,7 +407,7 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     `teachreg.data.load_paired`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
     With `data.draw` > 0 (and no `pairs`), every epoch trains on as many pairs drawn afresh from
     (seed, epoch) (`lung.draw_pairs`, on the default grid) from the training split's parts
-    (`lung.split_parts("train")`, prepared once: about 4 minutes on a 2-core CPU; then about
+    (`lung.split_parts("train")`, prepared once: about 10 minutes on a 2-core CPU; then about
     2.4 s per drawn pair).
     """
     config = load_config(config, **({"output": str(output)} if output else {}),

@@ -361,6 +361,25 @@ def _cptac() -> Volume:
     return _dicom_dataset("chest_ct_cptac")
 
 
+def _lidc_0314() -> Volume:
+    """LIDC-IDRI-0314 chest CT in HU: every second slice of the 1 mm series, 2 mm apart."""
+    return _dicom_dataset("chest_ct_lidc_0314")
+
+
+def _lungdx(patient: str) -> Volume:
+    """Lung-PET-CT-Dx `patient` ("a0001": 5 mm slices, "a0002": 8 mm slices) chest CT in HU."""
+    return _dicom_dataset(f"chest_ct_lungdx_{patient}")
+
+
+def _dirlab4dct(case: int = 1) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """DIR-Lab 4D-CT `case` (1-9): (inspiration, expiration) dense landmarks `[N, 3]`, voxels
+    (z, y, x) of the case's image grid (`read_landmarks`), and that grid's spacing in mm (z, y, x)."""
+    if case not in DIRLAB_4DCT_GRIDS:
+        raise DataError(f"no lung_landmarks_dirlab4dct case {case!r}; cases are 1-9")
+    path = fetch("lung_landmarks_dirlab4dct")[f"lung_motion/dirlab4dct/dense_case{case}.mat"]
+    return (*read_landmarks(path), DIRLAB_4DCT_GRIDS[case][1])
+
+
 def _itkelastix() -> Volume:
     """ITKElastix example chest CT (DICOM): `[141, 512, 512]` HU, (2, 0.977, 0.977) mm."""
     return _dicom_dataset("chest_ct_itkelastix")
@@ -511,6 +530,10 @@ _LOADERS = {
     "chest_ct_cip": _cip,
     "chest_ct_cptac": _cptac,
     "chest_ct_itkelastix": _itkelastix,
+    "chest_ct_lidc_0314": _lidc_0314,
+    "chest_ct_lungdx_a0001": lambda: _lungdx("a0001"),
+    "chest_ct_lungdx_a0002": lambda: _lungdx("a0002"),
+    "lung_landmarks_dirlab4dct": _dirlab4dct,
     "lung_keypoints_l2r": _l2r_keypoints,
     "lung_motion_copd": _copd,
 }
@@ -525,12 +548,15 @@ def load(name: str, **kwargs) -> Volume | Pair | list[Volume] | tuple:
     - `"lung_masks"`, `case=1, split="train"` -> Pair of mask Volumes
       (moving = expiration, fixed = inspiration).
     - `"chest_ct_l2r_case001"` -> Volume, approximate HU, labels (lung,).
-    - `"chest_ct_dynagan_0103"`, `"chest_ct_cptac"`, `"chest_ct_itkelastix"` -> Volume, HU.
+    - `"chest_ct_dynagan_0103"`, `"chest_ct_cptac"`, `"chest_ct_itkelastix"`,
+      `"chest_ct_lidc_0314"`, `"chest_ct_lungdx_a0001"`, `"chest_ct_lungdx_a0002"` -> Volume, HU.
     - `"chest_ct_cip"` -> [ct-64 with labels (lung, right_lung, left_lung), TestInput].
     - `"lung_keypoints_l2r"`, `case=1` -> (inspiration, expiration) keypoints `[N, 3]`, voxels
       (z, y, x) on the `lung_masks` grid (`read_keypoints`).
     - `"lung_motion_copd"`, `case=1` -> (Pair of mask Volumes, moving = expiration, fixed =
       inspiration; inspiration keypoints; expiration keypoints).
+    - `"lung_landmarks_dirlab4dct"`, `case=1` -> (inspiration, expiration) dense landmarks
+      `[N, 3]` voxels (z, y, x) of the case's DIR-Lab grid, that grid's spacing (mm, z, y, x).
 
     See each loader's docstring (`teachreg.data.loaders`) for shapes and assumptions.
     """
