@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from teachreg import cli, data, evaluate, network, objective, presets, spatial, train
+from teachreg import cli, data, evaluate, metrics, network, objective, presets, register, spatial, train
 
 SHAPE = (12, 8, 10)  # (z, y, x), deliberately not a multiple of 8
 SMALL = {"channels": [4, 8]}
@@ -155,7 +155,9 @@ def test_shipped_pretrained_model_loads():
 def test_shipped_lung_ct_model_records_the_configs_in_the_repository():
     info = network.load_pretrained("lung_ct").info
     configs = Path(__file__).resolve().parents[1] / "configs"
-    for record, name in ((info, "lung_ct.yaml"), (info["init"], "lung_ct_stage1.yaml")):
+    stages = ((info, "lung_ct.yaml"), (info["init"], "lung_ct_stage2.yaml"),
+              (info["init"]["init"], "lung_ct_stage1.yaml"))
+    for record, name in stages:
         expected = train.load_config(configs / name)
         trained = train.load_config(record["config"])
         for key in ("output", "init"):  # where the run wrote and read its models
@@ -309,6 +311,56 @@ def test_evaluate_compares_the_classical_optimiser_on_the_first_pairs():
     assert rows[0]["classical_tre_mm"] < 0.8 * rows[0]["initial_mm"] and rows[0]["classical_seconds"] > 0
     assert rows[0]["classical_dice_after"] > rows[0]["classical_dice_before"]
     assert not any(key.startswith("classical") for key in rows[1])
+
+
+def test_network_then_optimiser_refines_the_network_s_ddf():
+    pair = _pair(10, shape=(16, 16, 16))
+
+    class HalfWay:  # a network that finds half of the true motion
+        def predict_ddf(self, moving, fixed):
+            return 0.5 * pair.ddf[None]
+
+    options = {**presets.LUNG_CLASSICAL, "grid_spacing": 4, "levels": 2}
+    result = evaluate.network_then_optimiser(HalfWay(), pair.moving.image, pair.fixed.image, steps=(20, 20),
+                                             options=options)
+    start = evaluate.accuracy(0.5 * pair.ddf, pair)
+    refined = evaluate.accuracy(result.ddf.numpy(), pair)
+    assert start["tre_mm"] == pytest.approx(0.5 * start["initial_mm"], rel=1e-5)
+    assert refined["tre_mm"] < 0.8 * start["tre_mm"] and result.seconds > 0
+    assert len(result.history) == 40  # the steps asked for, no more
+
+
+def test_align_masks_recovers_a_known_scaling_and_shift():
+    fixed = np.zeros((30, 32, 44), bool)
+    fixed[8:20, 10:22, 6:30] = True
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij")
+    scale, shift = np.array([0.75, 1.0, 1.25]), np.array([2.0, -3.0, 1.5])
+    # the moving mask: the fixed box moved so that fixed voxel x lies at scale * x + shift
+    lo, hi = np.array([8, 10, 6]) * scale + shift, np.array([19, 21, 29]) * scale + shift
+    moving = np.all([(g >= a - 1e-9) & (g <= b + 1e-9) for g, a, b in zip((z, y, x), lo, hi)], axis=0)
+    result = register.align_masks(moving, fixed)
+    found = result.affine.numpy()[0]
+    # the moving box holds whole voxels only, so its spread is that of a slightly other box
+    np.testing.assert_allclose(np.diag(found[:3]), scale, atol=0.06)
+    centre = np.array([13.5, 15.5, 17.5])  # the fixed box's
+    np.testing.assert_allclose(centre @ found[:3] + found[3], centre * scale + shift, atol=0.5)  # half a voxel
+    warped = result.warp(moving.astype(np.float32), padding="zeros") > 0.5
+    assert metrics.dice(warped, fixed) > 0.95
+    with pytest.raises(ValueError, match="moving_mask must be a binary"):
+        register.align_masks(np.zeros((4, 4, 4)), fixed)
+
+
+def test_network_then_optimiser_aligns_the_masks_first():
+    pair = _pair(11, shape=(16, 16, 16))
+
+    class Still:  # a network that finds no motion: the result is the masks' alignment alone
+        def predict_ddf(self, moving, fixed):
+            return np.zeros((1, *np.shape(fixed), 3), np.float32)
+
+    masks = (pair.moving.labels[..., 0], pair.fixed.labels[..., 0])
+    result = evaluate.network_then_optimiser(Still(), pair.moving.image, pair.fixed.image, steps=(0,), masks=masks)
+    np.testing.assert_allclose(result.ddf.numpy(), register.align_masks(*masks).ddf.numpy(), atol=1e-5)
+    assert evaluate.accuracy(result.ddf.numpy(), pair)["tre_mm"] < evaluate.accuracy(np.zeros_like(pair.ddf), pair)["tre_mm"]
 
 
 # --- reliability of training ---

@@ -1,4 +1,5 @@
-"""Accuracy and speed of a registration network, beside the classical optimiser of `teachreg.register`.
+"""Accuracy and speed of a registration network, beside the classical optimiser of `teachreg.register`,
+and the two together (`network_then_optimiser`).
 
 Pairs are `teachreg.data.Pair` objects: moving and fixed Volumes (images `[D, H, W]` in HU, the lungs as
 their first label, spacing in mm per voxel along D, H, W from the fixed one), optionally the true
@@ -10,12 +11,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import tensorflow as tf
 
 from teachreg import metrics, presets, register, spatial
 from teachreg.data import Pair
 from teachreg.network import RegistrationNetwork
 
-__all__ = ["evaluate", "accuracy"]
+__all__ = ["evaluate", "accuracy", "network_then_optimiser"]
 
 
 def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
@@ -49,6 +51,33 @@ def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
     if "tre_mm" in mean:
         mean["tre_ratio"] = mean["tre_mm"] / mean["initial_mm"]
     return {"pairs": rows, "mean": mean}
+
+
+def network_then_optimiser(model: RegistrationNetwork, moving, fixed, steps=presets.LUNG_REFINE_STEPS,
+                           options=presets.LUNG_CLASSICAL, masks=None) -> register.Result:
+    """Old and new together: the network's DDF, refined by a short run of the classical optimiser.
+
+    moving, fixed: images `[D, H, W]` in the network's units (HU for the lung CT model).
+    masks: optional (moving mask, fixed mask), binary `[D, H, W]` (the lungs, given at test time as
+    in Learn2Reg): the moving image is first aligned to the fixed one by `register.align_masks`
+    and the network predicts the rest, composed with that start. `register.nonrigid` (`options`,
+    by default `presets.LUNG_CLASSICAL`) then starts from the network's DDF (`initial`) for
+    `steps` steps per level (by default `presets.LUNG_REFINE_STEPS`; all zeros: no refinement).
+    Returns a `register.Result` (`ddf` `[1, D, H, W, 3]` voxels) whose `seconds` cover it all.
+    """
+    start = time.perf_counter()
+    moving = np.asarray(moving, np.float32)
+    if masks is None:
+        ddf = tf.constant(model.predict_ddf(moving, fixed))
+    else:
+        aligned = register.align_masks(*masks).ddf
+        rest = model.predict_ddf(spatial.warp(moving[None], aligned).numpy()[0], fixed)
+        ddf = spatial.compose_ddf(aligned, rest)
+    result = register.Result(ddf=ddf)
+    if any(steps):
+        result = register.nonrigid(moving, fixed, initial=result, **{**options, "steps": tuple(steps)})
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def accuracy(ddf, pair: Pair) -> dict:

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from teachreg import _validate, losses, spatial
 
-__all__ = ["Callback", "Result", "affine", "demons", "intensity_window", "nonrigid"]
+__all__ = ["Callback", "Result", "affine", "align_masks", "demons", "intensity_window", "nonrigid"]
 
 Callback = Callable[[int, int, float], None]
 """Called as `callback(level, step, loss)` after every optimisation step (for live plots)."""
@@ -85,6 +85,32 @@ def intensity_window(image: np.ndarray, low: float = 1.0, high: float = 99.0) ->
     if hi <= lo:
         lo, hi = np.min(image), np.max(image)
     return float(lo), float(max(hi, lo + 1e-6))
+
+
+def align_masks(moving_mask, fixed_mask) -> Result:
+    """The scaling and shift along each axis that matches two masks' centres and spreads, in closed form.
+
+    moving_mask, fixed_mask: binary `[D, H, W]` (shapes may differ), e.g. the lungs at two breathing
+    states. Along each axis, the fixed voxel x maps to c_m + (x - c_f) s_m / s_f, where c is the
+    mask's centre and s the standard deviation of its voxels' coordinates (voxels), so that the
+    warped moving mask has the fixed one's centre and spread. No optimisation: the start that
+    Learn2Reg lung methods take from the masks given at test time. Returns a `Result` with `affine`
+    `[1, 4, 3]` (fixed voxels -> moving voxels) and its `ddf` `[1, D, H, W, 3]` on the fixed grid.
+    """
+    start = time.perf_counter()
+    masks = [np.asarray(m) > 0 for m in (moving_mask, fixed_mask)]
+    for name, mask in zip(("moving_mask", "fixed_mask"), masks):
+        if mask.ndim != 3 or mask.sum() < 2:
+            raise ValueError(f"{name} must be a binary [D, H, W] mask with at least 2 voxels set, got shape "
+                             f"{mask.shape} with {int(mask.sum())} set")
+    (moving_at, fixed_at) = (np.argwhere(m).astype(np.float64) for m in masks)
+    scale = moving_at.std(axis=0) / np.maximum(fixed_at.std(axis=0), 1e-12)
+    matrix = np.zeros((4, 3))
+    matrix[:3] = np.diag(scale)
+    matrix[3] = moving_at.mean(axis=0) - fixed_at.mean(axis=0) * scale
+    affine_t = tf.constant(matrix[None], tf.float32)
+    ddf = spatial.affine_to_ddf(affine_t, masks[1].shape)
+    return Result(ddf=ddf, affine=affine_t, seconds=time.perf_counter() - start)
 
 
 def affine(
