@@ -574,21 +574,28 @@ def test_drawn_pairs_skip_landmark_motions_whose_landmarks_miss_the_ct_lungs():
         lung.draw_pairs([source], [outside], 1, seed=0, epoch=0, **SMALL_GRID)
 
 
-def test_build_leaves_out_landmark_motions_that_miss_a_cts_lungs(tmp_path, monkeypatch):
+def test_build_leaves_out_motions_that_cannot_be_fitted_or_miss_a_cts_lungs(tmp_path, monkeypatch):
     source = _textured("expiration", "phantom_exp")
     motion = _breathing(source, "phantom_exp")
     inside = dataclasses.replace(motion, name="inside_exp2ins", points=(source.lo + source.hi)[None] / 2)
     outside = dataclasses.replace(motion, name="outside_exp2ins", points=source.lo[None] - 20.0)
     volume = data.Volume(source.image, tuple(source.spacing), (source.lung[..., None] > 0.5).astype(np.uint8), ("lung",),
                          "phantom")
+    def unfit(states):
+        raise data.DataError("motion broken_exp2ins: it folds")
+
     monkeypatch.setattr(lung, "_inputs", lambda split, grid, spacing, user: (
         [("phantom_exp", lambda: volume, "expiration", "CT phantom_exp")],
-        [("inside", lambda states: [inside]), ("outside", lambda states: [outside])]))
+        [("inside", lambda states: [inside]), ("outside", lambda states: [outside]), ("broken", unfit)]))
     monkeypatch.setattr(lung, "check_lungs", lambda source, where: (1.0, -800.0))
     lung.build(tmp_path, splits=("test",), progress=False, **SMALL_GRID)
     record = json.loads((tmp_path / "build.json").read_text())["splits"]["test"]
     assert list(record["pairs"]) == ["case_001"] and record["pairs"]["case_001"]["motion"] == "inside_exp2ins"
-    assert record["skipped"] == {"phantom_exp + outside_exp2ins": "0% of the landmarks in the CT's lungs"}
+    assert record["skipped"] == {"broken": "motion broken_exp2ins: it folds",
+                                 "phantom_exp + outside_exp2ins": "0% of the landmarks in the CT's lungs"}
+    with pytest.warns(UserWarning, match="patient broken left out: motion broken_exp2ins: it folds"):
+        sources, motions = lung.split_parts("train", progress=False, **SMALL_GRID)
+    assert [m.name for m in motions] == ["inside_exp2ins", "outside_exp2ins"]
 
 
 def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
