@@ -42,7 +42,7 @@ bench: $(STAMP)  ## speed figures as JSON, side by side with elastix, SimpleITK,
 	  deepreg==0.1.2 && touch $(DEEPREG)/.installed; }
 	PYTHONPATH=$(DEEPREG) $(PY) benchmarks/bench.py
 
-generalisation: $(STAMP)  ## the lung network on CTs and motions crossed between its splits (about 12 min)
+generalisation: $(STAMP)  ## the lung network on CTs and motions crossed between its splits (about half an hour)
 	$(PY) benchmarks/generalisation.py
 
 clean:
