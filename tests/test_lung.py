@@ -614,6 +614,8 @@ def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
               "augmentation": {"scale": 0.05, "fov_cut": 0.5, "intensity": 0.1}}
     _, history = train.train(config, output=tmp_path / "run", progress=False)
     assert drawn == [0, 1] and len(history) == 2 and all(np.isfinite(row["total"]) for row in history)
+    record = json.loads((tmp_path / "run" / "motions.json").read_text())
+    assert record["cts"] == ["phantom_exp", "phantom_ins"] and list(record["motions"]) == ["phantom_exp", "phantom_ins"]
     with pytest.raises(ValueError, match="not both"):
         train.train(config, output=tmp_path / "given", progress=False, pairs=draw_small(sources, motions, 1, 0, 0))
     with pytest.raises(ValueError, match="data.draw must be an integer >= 0"):

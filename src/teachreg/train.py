@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import numbers
 import os
@@ -403,7 +404,8 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     with the config, device, total seconds and the history). With `resume`, training continues
     from the latest checkpoint in `output`, which must come from the same config but for
     `RESUMABLE` (else a `ValueError` says what differs); run with more `epochs` to train further.
-    Without `resume`, the checkpoints and history in `output` are deleted first. `pairs` (from
+    With drawn pairs, `motions.json` lists the CTs and each motion's fit (`Motion.stats`: mask Dice,
+    held-out keypoint error, size in mm). Without `resume`, the checkpoints and history in `output` are deleted first. `pairs` (from
     `teachreg.data.load_paired`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
     With `data.draw` > 0 (and no `pairs`), every epoch trains on as many pairs drawn afresh from
     (seed, epoch) (`lung.draw_pairs`, on the default grid) from the training split's parts
@@ -424,6 +426,10 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
         if pairs is not None:
             raise ValueError("give training pairs or set data.draw to draw them, not both")
         sources, motions = lung.split_parts("train", progress=progress)
+        out.mkdir(parents=True, exist_ok=True)  # what the pairs are drawn from: each motion's fit
+        files.write_atomic(out / "motions.json", json.dumps(
+            {"cts": [s.name for s in sources], "motions": {m.name: m.stats for m in motions}}, indent=1,
+            default=lambda value: value.item()) + "\n")  # NumPy scalars
     else:
         where = ""
         if pairs is None:
