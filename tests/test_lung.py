@@ -574,6 +574,30 @@ def test_drawn_pairs_skip_landmark_motions_whose_landmarks_miss_the_ct_lungs():
         lung.draw_pairs([source], [outside], 1, seed=0, epoch=0, **SMALL_GRID)
 
 
+def test_a_drawn_pair_that_cannot_be_carried_is_drawn_again(monkeypatch):
+    sources, motions = _parts()
+    make_pair, calls = lung.make_pair, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 1:
+            raise data.DataError(f"{args[2]}: could not invert the DDF")
+        return make_pair(*args, **kwargs)
+
+    monkeypatch.setattr(lung, "make_pair", failing_once)
+    (pair,) = lung.draw_pairs(sources[:1], motions, 1, seed=0, epoch=0, **SMALL_GRID)
+    assert calls == ["drawn/000_000", "drawn/000_000"] and pair.name == "drawn/000_000"
+    calls.clear()  # the same failure again: the same stream gives the same redraw
+    again = lung.draw_pairs(sources[:1], motions, 1, seed=0, epoch=0, **SMALL_GRID)[0]
+    np.testing.assert_array_equal(again.ddf, pair.ddf)
+    def failing(*args, **kwargs):
+        raise data.DataError("never carried")
+
+    monkeypatch.setattr(lung, "make_pair", failing)
+    with pytest.raises(data.DataError, match="never carried"):
+        lung.draw_pairs(sources[:1], motions, 1, seed=0, epoch=0, **SMALL_GRID)
+
+
 def test_build_leaves_out_motions_that_cannot_be_fitted_or_miss_a_cts_lungs(tmp_path, monkeypatch):
     source = _textured("expiration", "phantom_exp")
     motion = _breathing(source, "phantom_exp")

@@ -733,9 +733,11 @@ def patient_name(kind: str, case) -> str:
             "dirlab4dct": lambda: f"dirlab4dct_{case}"}[kind]()
 
 
-def patient_motions(kind: str, case, states, grid, spacing) -> list[Motion]:
-    """A `MOTIONS` patient's motions from each of `states`: fitted to its masks and keypoints
-    (`breathing_motions`), or the thin-plate spline through its landmarks (`landmark_motion`)."""
+def patient_motions(kind: str, case, states=("expiration", "inspiration"), grid=presets.LUNG_GRID,
+                    spacing=presets.LUNG_SPACING) -> list[Motion]:
+    """A `MOTIONS` patient's motions from each of `states`, as the splits make them: fitted to its
+    masks and keypoints (`breathing_motions`), or the thin-plate spline through its landmarks
+    (`landmark_motion`). kind, case: as in `MOTIONS`, e.g. ("l2r", ("test", 11)), ("copd", 3)."""
     name = patient_name(kind, case)
     if kind == "l2r":
         mask_split, number = case
@@ -856,8 +858,10 @@ def draw_pairs(sources: list[Source], motions: list[Motion], count: int, seed: i
     (`vary_motion`) and carried to the CT on a grid of `grid` voxels of `spacing` mm shifted at
     random (`make_pair`): exact DDF `[D, H, W, 3]` (voxels), mass-preserving density change. Named
     `drawn/EEE_III` (epoch, i). sources, motions: those of the training split (`split_parts("train")`
-    on the same grid). Raises ValueError if any belongs to the test split (`CTS`, `MOTIONS`) or no
-    motion starts at a CT's state; DataError as `make_pair` and `vary_motion`."""
+    on the same grid). A draw that cannot be carried (`vary_motion` or `make_pair` raise DataError:
+    it folds on the CT, or its inverse does not converge) is replaced by the next one from the same
+    random stream, at most `FOLD_RETRIES` times in a row. Raises ValueError if any belongs to the
+    test split (`CTS`, `MOTIONS`) or no motion starts at a CT's state; DataError after those retries."""
     _check_training(sources, motions)
     couples = [(s, m) for s in sources for m in motions
                if m.source == s.state and landmarks_inside(s, m) >= INSIDE_FRACTION]
@@ -868,9 +872,16 @@ def draw_pairs(sources: list[Source], motions: list[Motion], count: int, seed: i
     pairs = []
     for i in range(count):
         rng = np.random.default_rng([seed, epoch, i])
-        source, motion = couples[rng.integers(len(couples))]
-        varied = vary_motion(motion, rng, spacing)
-        pair, _ = make_pair(source, varied, f"drawn/{epoch:03d}_{i:03d}", grid, spacing, rng.uniform(-1, 1, 3))
+        for attempt in range(FOLD_RETRIES + 1):  # a draw that cannot be carried is drawn again
+            source, motion = couples[rng.integers(len(couples))]
+            try:
+                varied = vary_motion(motion, rng, spacing)
+                pair, _ = make_pair(source, varied, f"drawn/{epoch:03d}_{i:03d}", grid, spacing,
+                                    rng.uniform(-1, 1, 3))
+                break
+            except DataError:
+                if attempt == FOLD_RETRIES:
+                    raise
         pairs.append(pair)
     return pairs
 
