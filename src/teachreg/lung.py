@@ -44,8 +44,9 @@ Split by patient and by motion: the test CTs (Learn2Reg case_001, ITKElastix) an
 Lung-PET-CT-Dx A0002 is in no split (its 8 mm slices are too coarse, `MAX_Z_SPACING`). Every CT
 takes every motion of its split that starts at its breathing state, except a landmark motion whose
 landmarks miss the CT's lungs once mapped (`landmarks_inside`; case_001's scan misses the lung base
-and apex). case_001's CT with its own motion is a test pair, and `build.json` gives the Dice of its warped expiration mask with its real
-inspiration mask. Each split's content depends only on the parameters and `seed`, not on which
+and apex), and a patient whose motions cannot be fitted is left out (both are recorded).
+case_001's CT with its own motion is a test pair, and `build.json` gives the Dice of its warped
+expiration mask with its real inspiration mask. Each split's content depends only on the parameters and `seed`, not on which
 splits are built, so `build(splits=("test",))` alone is fast. Training pairs may instead be drawn
 afresh for every epoch (`draw_pairs`; the training config's `data.draw`): a training CT with a
 training motion of its breathing state (`split_parts`), the motion varied in amplitude and by a
@@ -67,9 +68,10 @@ parameters give byte-identical files), and::
     build.json                    per split: its parameters (seed
                                   included), per-motion and per-pair
                                   statistics (mask Dice, mm, sources),
-                                  "skipped": the CT and landmark
-                                  motion couples left out because
-                                  the CT's lungs miss the landmarks;
+                                  "skipped": the patients whose
+                                  motions cannot be fitted and the
+                                  CT and landmark-motion couples
+                                  left out, with the reasons;
                                   "parameters": the last split's
 """
 

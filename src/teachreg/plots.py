@@ -14,12 +14,12 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 
 __all__ = [
+    "BOOK_STYLE",
+    "COLUMN_WIDTH",
     "FOLDED_COLOUR",
     "LABEL_COLOURS",
     "LiveLoss",
     "OKABE_ITO",
-    "BOOK_STYLE",
-    "COLUMN_WIDTH",
     "OVERLAP_COLOURS",
     "PLANES",
     "contours",
