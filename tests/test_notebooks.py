@@ -246,7 +246,7 @@ def test_ch04_other_direction(tmp_path):
 def test_ch05_another_pair_and_supervision(tmp_path):
     # the classical comparison on a pair whose real scan is the fixed image; the demo trained supervised, another seed
     stored = stored_results(read(chapter("ch05")))
-    results = run(chapter("ch05"), {"pair_index": 3, "train_mode": "supervised", "seed": 1}, tmp_path)
+    results = run(chapter("ch05"), {"pair_index": 5, "train_mode": "supervised", "seed": 1}, tmp_path)
     assert results.keys() == stored.keys()
     # the pretrained network on the unseen test pairs: lungs overlap better, part of the motion removed, few folds
     assert results["mean_dice_after"] > results["mean_dice_before"], results
@@ -257,8 +257,10 @@ def test_ch05_another_pair_and_supervision(tmp_path):
     assert results["classical_tre_mm"] < 0.6 * results["pair_initial_mm"], results
     assert results["classical_folding"] < 0.001
     assert results["seconds_per_pair"] < 1 and results["speedup"] > 20, results
-    # the same short optimisation gets further started from the network than from zero, and improves on the network
-    assert results["short_network_tre_mm"] < min(results["short_zero_tre_mm"], results["mean_tre_mm"]), results
+    # aligning the lungs first helps the network; a short optimisation from it improves on it; the full one most
+    assert results["aligned_tre_mm"] < results["mean_tre_mm"], results
+    assert results["short_network_tre_mm"] < results["mean_tre_mm"], results
     assert results["short_network_dice_after"] > results["mean_dice_after"], results
+    assert results["full_tre_mm"] < results["short_network_tre_mm"], results
     # two epochs of supervised training lower the training loss (the DDF's end-point error, voxels)
     assert results["train_loss_last_epoch"] < results["train_loss_first_epoch"], results

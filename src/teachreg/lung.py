@@ -772,7 +772,8 @@ def _parts(cts: list, motions: list, spacing, bar, strict: bool = True) -> tuple
     """The CTs `cts` prepared and checked (`prepare_ct`, `check_lungs`) and the `motions` from each of
     their breathing states, as `_inputs` lists them; `bar` advances by one per CT, two per motion.
     Unless `strict`, a patient whose motions cannot be fitted (DataError: they fold, miss the
-    held-out keypoints...) is left out: the third value maps its name to the reason."""
+    held-out keypoints...) is left out: the third value maps its name to the reason; DataError
+    with every reason if no patient is left."""
     sources = []
     for name, loader, state, where in cts:
         sources.append(prepare_ct(loader(), state, name, spacing))
@@ -788,6 +789,8 @@ def _parts(cts: list, motions: list, spacing, bar, strict: bool = True) -> tuple
                 raise
             left_out[patient] = str(err)
         bar.update(2)
+    if left_out and not estimated:
+        raise DataError("no patient's motions could be fitted: " + "; ".join(left_out.values()))
     return sources, estimated, left_out
 
 
