@@ -800,8 +800,8 @@ def split_parts(split: str, grid=presets.LUNG_GRID, spacing=presets.LUNG_SPACING
     its CTs (`CTS`) prepared and checked, and its patients' motions (`MOTIONS`, estimated from their
     masks, on a grid of `grid` voxels of `spacing` mm) from each breathing state of those CTs.
     A patient whose motions cannot be fitted is left out with a warning naming it and the reason
-    (as `build` records it). About 10 to 15 minutes for "train" (6 CTs, 30 patients) on a 2-core
-    CPU. Raises DataError as `build`."""
+    (as `build` records it). 11 minutes for "train" (6 CTs, 30 patients) on a 2-core CPU. Raises
+    DataError as `build`."""
     cts, motions = _inputs(split, grid, spacing, None)
     with tqdm(total=len(cts) + 2 * len(motions), desc=f"lung CT {split} parts", disable=not progress) as bar:
         sources, estimated, left_out = _parts(cts, motions, spacing, bar, strict=False)

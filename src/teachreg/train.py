@@ -405,12 +405,13 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     from the latest checkpoint in `output`, which must come from the same config but for
     `RESUMABLE` (else a `ValueError` says what differs); run with more `epochs` to train further.
     With drawn pairs, `motions.json` lists the CTs and each motion's fit (`Motion.stats`: mask Dice,
-    held-out keypoint error, size in mm). Without `resume`, the checkpoints and history in `output` are deleted first. `pairs` (from
+    held-out keypoint error, size in mm). Without `resume`, the checkpoints and history in `output`
+    are deleted first. `pairs` (from
     `teachreg.data.load_paired`) skips reading the data from disk. Pairs with NaN or infinity raise a `ValueError`.
     With `data.draw` > 0 (and no `pairs`), every epoch trains on as many pairs drawn afresh from
     (seed, epoch) (`lung.draw_pairs`, on the default grid) from the training split's parts
-    (`lung.split_parts("train")`, prepared once: about 10 minutes on a 2-core CPU; then about
-    2.4 s per drawn pair).
+    (`lung.split_parts("train")`, prepared once: 11 minutes on a 2-core CPU; then about 3 s per
+    drawn pair).
     """
     config = load_config(config, **({"output": str(output)} if output else {}),
                          **({"epochs": epochs} if epochs is not None else {}))
