@@ -590,6 +590,7 @@ def test_a_drawn_pair_that_cannot_be_carried_is_drawn_again(monkeypatch):
     calls.clear()  # the same failure again: the same stream gives the same redraw
     again = lung.draw_pairs(sources[:1], motions, 1, seed=0, epoch=0, **SMALL_GRID)[0]
     np.testing.assert_array_equal(again.ddf, pair.ddf)
+
     def failing(*args, **kwargs):
         raise data.DataError("never carried")
 
@@ -605,6 +606,7 @@ def test_build_leaves_out_motions_that_cannot_be_fitted_or_miss_a_cts_lungs(tmp_
     outside = dataclasses.replace(motion, name="outside_exp2ins", points=source.lo[None] - 20.0)
     volume = data.Volume(source.image, tuple(source.spacing), (source.lung[..., None] > 0.5).astype(np.uint8), ("lung",),
                          "phantom")
+
     def unfit(states):
         raise data.DataError("motion broken_exp2ins: it folds")
 
