@@ -27,8 +27,7 @@ def motions() -> list[tuple[str, str, lung.Motion]]:
     for split, patients in lung.MOTIONS.items():
         for kind, case in patients:
             try:
-                motions = lung.patient_motions(kind, case, ("expiration", "inspiration"), lung.presets.LUNG_GRID,
-                                               lung.presets.LUNG_SPACING)
+                motions = lung.patient_motions(kind, case)  # both states, the course's grid
             except DataError as err:  # left out of the splits too (lung.split_parts)
                 print(f"left out: {err}")
                 continue
