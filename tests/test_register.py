@@ -76,15 +76,16 @@ def smooth_ddf(shape, amplitude, seed):
     return (field * amplitude / np.linalg.norm(field, axis=-1).mean()).astype(np.float32)
 
 
-@pytest.mark.parametrize("transform,crop", [("ddf", None), ("bspline", None), ("bspline", 1.0), ("svf", None)])
-def test_nonrigid_recovers_a_known_smooth_deformation(transform, crop):
-    # bspline with crop None fits random half-size boxes at the finest level; 1.0 the whole image
+@pytest.mark.parametrize("transform,crop,crop_levels",
+                         [("ddf", None, 1), ("bspline", None, 1), ("bspline", None, 2), ("bspline", 1.0, 1), ("svf", None, 1)])
+def test_nonrigid_recovers_a_known_smooth_deformation(transform, crop, crop_levels):
+    # bspline with crop None fits random half-size boxes at the `crop_levels` finest levels; 1.0 the whole image
     moving = blobs(seed=3)
     true_ddf = smooth_ddf(moving.shape, 1.5, seed=4)
     fixed = spatial.warp(moving[None], true_ddf).numpy()[0]
     kwargs = {"bspline": {"grid_spacing": 4.0, "learning_rate": 0.05}}.get(transform, {"learning_rate": 0.1})
     result = register.nonrigid(moving, fixed, transform=transform, regulariser="bending", regulariser_weight=0.1,
-                               steps=(100, 100, 60), crop=crop, **kwargs)
+                               steps=(100, 100, 60), crop=crop, crop_levels=crop_levels, **kwargs)
     error = np.linalg.norm(result.ddf.numpy() - true_ddf, axis=-1)[0]
     structure = spatial.smooth(np.abs(fixed - fixed.mean())[None], 1.0).numpy()[0] > 0.05  # where there is something to match
     sampled = (spatial.reference_grid(moving.shape).numpy() + true_ddf[0]).round()  # voxel of moving each one pulls from
@@ -110,7 +111,8 @@ def test_label_term_drives_label_overlap_up():
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(crop=0.5, transform="ddf"), "below 1 only for transform='bspline'"), (dict(crop=1.5), r"in \(0, 1\]"),
-     (dict(crop=0.0), "crop must be a finite number > 0"), (dict(seed=-1), "seed must be a whole number >= 0")],
+     (dict(crop=0.0), "crop must be a finite number > 0"), (dict(seed=-1), "seed must be a whole number >= 0"),
+     (dict(crop_levels=0), "crop_levels must be a whole number >= 1"), (dict(crop_levels=2), r"at most levels \(1\)")],
 )
 def test_nonrigid_refuses_bad_crops_and_seeds(kwargs, match):
     image = blobs(shape=(12, 12, 12))

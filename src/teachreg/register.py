@@ -425,6 +425,7 @@ def nonrigid(
     steps: int | tuple[int, ...] = (100, 100, 100),
     tolerance: float = 0.0,
     crop: float | None = None,
+    crop_levels: int = 1,
     seed: int = 0,
     callback: Callback | None = None,
 ) -> Result:
@@ -447,9 +448,9 @@ def nonrigid(
     `levels` pyramid levels with `steps` Adam steps each, the learning rate (voxels of each level
     per step) decaying to 1 % within a level; a level stops early when the loss improved by less
     than `tolerance` (relative) over its last 20 steps (0 disables the rule).
-    `crop`: each step of the finest level fits the objective on a random box `crop` times the
-    image along each axis (at least 3 voxels), drawn with `seed`: a stochastic estimate of the
-    loss, as elastix fits random voxel samples, at a fraction of a full step's cost. None
+    `crop`: each step of the `crop_levels` finest levels fits the objective on a random box `crop`
+    times the level's image along each axis (at least 3 voxels), drawn with `seed`: a stochastic
+    estimate of the loss, as elastix fits random voxel samples, at a fraction of a full step's cost. None
     chooses 0.5 for "bspline" without points and 1 (the whole image) otherwise: a free DDF or
     SVF, or points anywhere in the image, need the whole grid at every step.
 
@@ -476,6 +477,9 @@ def nonrigid(
     if (moving_points is None) != (fixed_points is None) or (fixed_points is None and point_weight != 0):
         raise ValueError("give both fixed_points and moving_points, or neither (and then no point_weight).")
     _validate.whole_number("levels", levels, 1)
+    _validate.whole_number("crop_levels", crop_levels, 1)
+    if crop_levels > levels:
+        raise ValueError(f"crop_levels must be at most levels ({levels}), got {crop_levels}.")
     steps = _per_level(steps, levels)
     _validate.real_number("learning_rate", learning_rate, 0, strict=True)
     _validate.real_number("grid_spacing", grid_spacing, 1)  # voxels; finer control grids only cost memory
@@ -520,7 +524,7 @@ def nonrigid(
                            tf.constant(scale, tf.float32), initial_ddf, tf.constant(point_weight, tf.float32))
         recent: list[float] = []
         level_shape = np.asarray(fixed_l.shape[1:4])
-        box = level_shape if level < levels - 1 else np.clip(np.ceil(crop * level_shape), 3, level_shape).astype(int)
+        box = level_shape if level < levels - crop_levels else np.clip(np.ceil(crop * level_shape), 3, level_shape).astype(int)
         for step in range(steps[level]):
             corner = rng.integers(0, level_shape - box + 1)  # the box's first voxel
             window = (slice(None), *(slice(c, c + n) for c, n in zip(corner, box)))
