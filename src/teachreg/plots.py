@@ -116,7 +116,7 @@ def show_jacobian(determinant: np.ndarray, ax=None, spread: float = 1.0, cmap: s
     return image
 
 
-def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str = ""):
+def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str = "", ax=None):
     """A block diagram: boxes of text joined by arrows that stop at the boxes' edges. Returns the figure.
 
     size: the diagram's coordinates, x from 0 to width and y from 0 to height, and the figure's
@@ -126,9 +126,12 @@ def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str
     midpoint of the two boxes' centres for a level arrow or to its right for any other (beside a
     straight arrow; a bent one passes elsewhere), and the arrow's curvature (0: straight;
     as matplotlib's "arc3" connection style, positive bends it to the right of its direction).
+    ax: draw into these axes (one panel of a figure of several diagrams) instead of a new figure;
+    `size` then gives only the coordinates.
     """
-    fit = min(1.0, COLUMN_WIDTH / size[0])
-    fig, ax = plt.subplots(figsize=(size[0] * fit, size[1] * fit), layout="constrained")
+    if ax is None:
+        fit = min(1.0, COLUMN_WIDTH / size[0])
+        _, ax = plt.subplots(figsize=(size[0] * fit, size[1] * fit), layout="constrained")
     ax.set(xlim=(0, size[0]), ylim=(0, size[1]))
     ax.axis("off")
     texts = {
@@ -147,7 +150,7 @@ def diagram(boxes: dict, arrows: Sequence, size: tuple[float, float], title: str
             ax.text((x0 + x1) / 2 + (0 if level else 0.1), (y0 + y1) / 2 + (0.08 if level else 0), label,
                     fontsize="small", ha="center" if level else "left", va="bottom" if level else "center")
     ax.set_title(title)
-    return fig
+    return ax.figure
 
 
 def overlap_image(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
