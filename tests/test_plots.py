@@ -87,6 +87,16 @@ def test_diagram_joins_boxes_by_arrows_that_stop_at_their_edges():
     plt.close(fig)
 
 
+def test_diagram_draws_into_given_axes():
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4, 4))
+    drawn = plots.diagram({"a": (1.0, 1.0, "a", "orange"), "b": (3.0, 1.0, "b", "blue")}, [("a", "b", "", 0)],
+                          size=(4, 2), title="lower", ax=bottom)
+    assert drawn is fig and tuple(fig.get_size_inches()) == (4, 4), "no new figure, no resizing"
+    assert {t.get_text() for t in bottom.texts} >= {"a", "b"} and bottom.get_title() == "lower"
+    assert bottom.get_xlim() == (0, 4) and bottom.get_ylim() == (0, 2) and not top.texts
+    plt.close(fig)
+
+
 def test_figures_fit_the_books_column_under_its_style():
     """A figure wider than the column is shrunk by the browser, and its text with it."""
     volume = np.random.default_rng(0).random((4, 30, 40))
