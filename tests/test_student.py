@@ -3,7 +3,9 @@
 Fast checks on the chapters' student copies (no solution, no output, every other cell kept in
 order, exercises' text kept), on a small made-up notebook (tags `solution` and `exercise`), and on
 the output folder (refusal of a folder the tool did not write, idempotence, nothing deleted).
-The `notebook`-marked test runs chapter 1's student copy top to bottom, exercises empty.
+Every exercise has a cell to fill, hidden in the book and a comment only in the chapter, so each
+student copy runs the chapter's code; the `notebook`-marked test runs chapter 1's copy top to
+bottom, exercises empty.
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def test_every_other_cell_kept_in_order(name, student_dir):
             assert after.source == before.source
     assert removed >= 1, f"{name}: no solution found (the chapters hide them in ```{{admonition}} Solution blocks)"
     assert stored_results(original), "the chapter itself still has its results"
+
+
+@pytest.mark.parametrize("name", chapter_ids)
+def test_every_exercise_has_a_cell_to_fill_that_the_book_hides(name):
+    # The chapter's exercise cells hold comments only: the student copy's code is the chapter's,
+    # so it runs top to bottom with the exercises empty whenever the chapter does (nbval).
+    cells = read(chapter(name)).cells
+    statements = [i for i, c in enumerate(cells) if c.cell_type == "markdown"
+                  and re.match(r"\*\*\d+\. ", c.source)]
+    exercises = [i for i, c in enumerate(cells) if student.EXERCISE_TAG in c.metadata.get("tags", [])]
+    assert statements, f"{name}: no exercise statement (a markdown cell starting **N. Title.**)"
+    assert exercises == [i + 1 for i in statements], "each exercise's statement, then its cell to fill"
+    for i in exercises:
+        assert cells[i].cell_type == "code" and "remove-cell" in cells[i].metadata.tags
+        code = [line for line in cells[i].source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        assert not code, f"cell {i}: an exercise cell holds comments only, not {code}"
 
 
 def made_up_notebook():

@@ -10,7 +10,9 @@ A student copy is the chapter (book/chNN_*.ipynb, same file name) with:
   ```{admonition} Solution  (or {dropdown} Solution) ... ```, which goes with the blank lines
   after it; a cell tagged `solution` (code or markdown) goes whole, and so does a markdown cell
   that held nothing but solutions;
-- every code cell tagged `exercise` emptied to the placeholder `# your answer here`;
+- every code cell tagged `exercise` emptied to the placeholder `# your answer here` (each
+  exercise's statement is followed by such a cell in the chapter, a comment only and tagged
+  `remove-cell` so that the book does not show it);
 - everything else as it is (cell ids, tags, other metadata, the exercises' text).
 
 The tool only writes into its output folder, each notebook atomically (a temporary file in the
