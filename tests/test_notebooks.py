@@ -22,6 +22,7 @@ import re
 import warnings
 
 import pytest
+import student  # book/tools: on sys.path once notebook_tools is imported (conftest.py imports it)
 import yaml
 from nbval.plugin import get_sanitize_patterns
 from notebook_tools import (
@@ -101,7 +102,7 @@ def test_chapter_structure(name):
     cells = code_cells(nb)
     assert 'if "google.colab" in sys.modules' in cells[0].source and "%pip install" in cells[0].source
     assert tagged(nb, "parameters") == [cells[1]], "the second code cell must be the one tagged 'parameters'"
-    chapter_cells = [c for c in cells if "exercise" not in c.metadata.get("tags", [])]
+    chapter_cells = [c for c in cells if student.EXERCISE_TAG not in c.metadata.get("tags", [])]
     assert tagged(nb, "results") == [chapter_cells[-1]], (
         "the last code cell (the exercises' cells aside) must be the one tagged 'results'")
     results = stored_results(nb)
