@@ -72,7 +72,7 @@ def warp_figures(device: str, size: int, repeats: int) -> dict:
     coords_np = np.moveaxis(spatial.reference_grid((size,) * 3).numpy() + ddf_np[0], -1, 0)
     resample = deepreg_resample()
     with tf.device(device):
-        volume = tf.Variable(volume_np[None])
+        volume = tf.constant(volume_np[None])  # data, not a parameter: no tape watches it
         ddf = tf.Variable(ddf_np)
         weights = tf.Variable(rng.normal(size=(1, size, size, size)).astype(np.float32))
         grid = spatial.reference_grid((size,) * 3)[None]

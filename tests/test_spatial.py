@@ -306,6 +306,27 @@ def test_warp_is_the_same_eagerly_in_a_graph_and_under_xla(padding):
                 np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_an_eager_gradient_is_computed_only_for_the_inputs_a_tape_watches(monkeypatch):
+    # A registration watches its DDF, not its image: the image's gradient (a scatter) is skipped.
+    image = tf.constant(smooth_volume((9, 10, 11))[None])
+    ddf = tf.Variable(RNG.uniform(-2, 2, size=(1, 9, 10, 11, 3)).astype(np.float32))
+    _, image_gradient, ddf_gradient = _warp_and_gradients(image, tf.convert_to_tensor(ddf), "border")
+    asked = []
+    compiled = spatial._xla
+    monkeypatch.setattr(spatial, "_xla", lambda fn, *key: asked.append(key) or compiled(fn, *key))
+    with tf.GradientTape() as tape:  # watches the variable by itself
+        value = tf.reduce_sum(spatial.warp(image, ddf) ** 2)
+    np.testing.assert_allclose(tape.gradient(value, ddf).numpy(), ddf_gradient.numpy(), rtol=1e-5, atol=1e-5)
+    assert (spatial._warp_linear, 1) in asked and (spatial._warp_linear, 0) not in asked
+    asked.clear()
+    field = tf.convert_to_tensor(ddf)  # read outside the tape, which would watch the variable
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        value = tf.reduce_sum(spatial.warp(image, field) ** 2)
+    np.testing.assert_allclose(tape.gradient(value, image).numpy(), image_gradient.numpy(), rtol=1e-5, atol=1e-5)
+    assert (spatial._warp_linear, 0) in asked and (spatial._warp_linear, 1) not in asked
+
+
 def _compiled_calls(jit_compile: bool) -> list:
     """The XLA-compiled function calls in the graph of a caller's `tf.function` that warps."""
     spec = tf.TensorSpec([1, 8, 8, 8], tf.float32), tf.TensorSpec([1, 8, 8, 8, 3], tf.float32)
