@@ -2,8 +2,10 @@
 
 import re
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from teachreg import losses, metrics, network, register, spatial
 
@@ -124,12 +126,28 @@ def test_a_multilevel_registration_compiles_its_step_once_per_level():
     # Each level's image size (and the finest level's box) is compiled once, and kept for the next call.
     moving = blobs(shape=(10, 13, 14), seed=9)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
-    step = register._nonrigid_loss_and_grads("ssd", "l1", "bspline", False, False)
+    step = register._nonrigid_step("ssd", "l1", "bspline", False, False)
     before = step.experimental_get_tracing_count()
     register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5)
     assert step.experimental_get_tracing_count() - before == 3
     register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5, seed=1)
     assert step.experimental_get_tracing_count() - before == 3
+
+
+def test_the_compiled_adam_update_is_keras_adam():
+    # The nonrigid step updates its parameters inside the compiled function: the same steps as Keras's Adam.
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    ours, theirs = tf.Variable(start), tf.Variable(start)
+    moments = [tf.Variable(tf.zeros_like(start)) for _ in range(2)]
+    schedule = register._decaying(0.3, 12)
+    optimizer = keras.optimizers.Adam(schedule)
+    for step in range(12):
+        grads = tf.constant(rng.normal(size=start.shape).astype(np.float32))
+        register._adam_update(ours, grads, *moments, tf.constant(step + 1.0), schedule(step))
+        optimizer.apply([grads], [theirs])
+    assert not np.allclose(ours.numpy(), start, atol=0.1)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_nonrigid_calls_of_one_size_share_compiled_steps_but_not_their_arguments():

@@ -185,7 +185,7 @@ def _centred_affine(matrix, translation, half) -> tf.Tensor:
 def _affine_loss_and_grads(loss: str):
     """The affine objective and its gradient with respect to (matrix, translation), compiled by XLA.
 
-    One function per loss, kept for the session, as `_nonrigid_loss_and_grads`: a later
+    One function per loss, kept for the session, as `_nonrigid_step`: a later
     registration with the same loss and image size reuses the compiled code.
     """
     loss_fn = losses.IMAGE_LOSSES[loss]
@@ -507,7 +507,7 @@ def nonrigid(
     # Without labels the images stand in for them; the label term is then left out of the objective.
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else pyramid
     weights = tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)
-    loss_and_grads = _nonrigid_loss_and_grads(loss, regulariser, transform, labels is not None, points is not None)
+    fit_step = _nonrigid_step(loss, regulariser, transform, labels is not None, points is not None)
     params = ddf = None
     rng = np.random.default_rng(seed)
     result = Result(ddf=tf.zeros([1, *shape, 3]))
@@ -517,7 +517,8 @@ def nonrigid(
         # level its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
         params, bases = _level_start(transform, params, ddf, tuple(fixed_l.shape[1:4]), shape,
                                      grid_spacing * 2 ** (levels - 1 - level))
-        optimizer = keras.optimizers.Adam(_decaying(learning_rate, steps[level]))
+        rate = _decaying(learning_rate, steps[level])
+        moments = [tf.Variable(tf.zeros_like(params)) for _ in range(2)]  # Adam's, of this level's parameters
         point_terms = None
         if points is not None:  # the fixed points on this level's grid; moved points are compared in the given grid
             scale = (np.asarray(shape) - 1) / np.maximum(np.asarray(fixed_l.shape[1:4]) - 1, 1)
@@ -530,10 +531,9 @@ def nonrigid(
             corner = rng.integers(0, level_shape - box + 1)  # the box's first voxel
             window = (slice(None), *(slice(c, c + n) for c, n in zip(corner, box)))
             box_bases = None if bases is None else [b[w] for b, w in zip(bases, window[1:])]
-            value, grads = loss_and_grads(tf.convert_to_tensor(params), box_bases, moving_l, fixed_l[window], mlabel_l,
-                                          flabel_l[window], *weights, point_terms, tf.constant(corner, tf.float32))
-            optimizer.apply([grads], [params])
-            value = float(value)
+            adam = (*moments, tf.constant(step + 1, tf.float32), tf.constant(rate(step), tf.float32))
+            value = float(fit_step(params, adam, box_bases, moving_l, fixed_l[window], mlabel_l, flabel_l[window],
+                                   *weights, point_terms, tf.constant(corner, tf.float32)))
             result.history.append(value)
             result.levels.append(level)
             recent.append(value)
@@ -582,9 +582,12 @@ def _to_ddf(transform: str, params, bases=None) -> tf.Tensor:
 
 
 @functools.cache
-def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_labels: bool, use_points: bool = False):
-    """The nonrigid objective and its gradient with respect to the parameters, compiled by XLA.
+def _nonrigid_step(loss: str, regulariser: str, transform: str, use_labels: bool, use_points: bool = False):
+    """One Adam step on the nonrigid objective, compiled by XLA: returns the objective before the step.
 
+    The step updates the `tf.Variable` `params` and Adam's moments in `adam` = (first moment,
+    second moment, the step's number from 1, its learning rate) in place, as Keras's Adam does:
+    done inside the compiled step it costs nothing, done apart it took a quarter of the time.
     One function per combination of options, kept for the session: a later registration with
     the same options and image size reuses the compiled code instead of compiling it again.
     With `use_points`, `points` is (fixed points `[1, N, 3]` in this level's voxels, moving points
@@ -596,8 +599,8 @@ def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_la
     loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], losses.REGULARISERS[regulariser]
 
     @tf.function(jit_compile=True)
-    def loss_and_grads(params, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight,
-                       points, corner):
+    def step(params, adam, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight,
+             points, corner):
         with tf.GradientTape() as tape:
             tape.watch(params)
             ddf = _to_ddf(transform, params, bases)
@@ -613,9 +616,20 @@ def _nonrigid_loss_and_grads(loss: str, regulariser: str, transform: str, use_la
                 if initial is not None:
                     moved += spatial.resample(initial, moved)
                 value += point_weight * tf.reduce_mean(tf.reduce_sum(tf.square(moved - moving_points), axis=-1))
-        return value, tape.gradient(value, params)
+        _adam_update(params, tape.gradient(value, params), *adam)
+        return value
 
-    return loss_and_grads
+    return step
+
+
+def _adam_update(params: tf.Variable, grads, first: tf.Variable, second: tf.Variable, count, rate,
+                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7) -> None:
+    """Adam's update of `params` with `grads` (Keras's defaults and arithmetic): `first` and
+    `second` are the moments, `count` the step's number from 1 and `rate` its learning rate."""
+    alpha = rate * tf.sqrt(1.0 - beta_2**count) / (1.0 - beta_1**count)
+    first.assign_add((grads - first) * (1.0 - beta_1))
+    second.assign_add((tf.square(grads) - second) * (1.0 - beta_2))
+    params.assign_sub(first * alpha / (tf.sqrt(second) + epsilon))
 
 
 def _label_pair(moving_label, fixed_label, shape) -> tuple[tf.Tensor, tf.Tensor]:
