@@ -19,9 +19,9 @@ LUNG_CLASSICAL = dict(transform="bspline", grid_spacing=8, regulariser="l2", reg
 (chapter 5 and `make bench`): chapter 4's optimiser with LNCC, a B-spline grid every 8 voxels and
 the diffusion regulariser, random half-size boxes at the two finest levels (`register.nonrigid`'s
 `crop` and `crop_levels`): on the 10 test pairs as accurate as boxes at the finest level only (mean
-TRE 1.77 mm, Dice 0.978, both) in 6.7 s instead of 10.4 s on a 2-core CPU; it sees no labels, as
+TRE 1.77 mm, Dice 0.978, both) in 4.5 s instead of 6.3 s on a 2-core CPU; it sees no labels, as
 the network at inference."""
 
 LUNG_REFINE_STEPS = (20, 40, 20)
 """Steps per level of `LUNG_CLASSICAL` started from the network's DDF: chapter 5's "old and new
-together" (about 2 s a pair on a 2-core CPU)."""
+together" (about 1.5 s a pair on a 2-core CPU)."""

@@ -456,8 +456,8 @@ def nonrigid(
 
     The defaults (LNCC, a B-spline control point every 16 voxels, the diffusion regulariser
     with weight 0.1, 3 levels of 100 steps, `crop` 0.5) match elastix's default B-spline map on
-    chapter 4's prostate pair in Dice, fold almost nowhere and, once compiled, take no more time
-    (`make bench`).
+    chapter 4's prostate pair in Dice, fold almost nowhere and, once compiled, take about half
+    its time (`make bench`).
     The tutorial's DDF is `transform="ddf", regulariser="bending", regulariser_weight=1.0,
     learning_rate=0.1`.
     """
