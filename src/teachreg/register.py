@@ -587,7 +587,7 @@ def _nonrigid_step(loss: str, regulariser: str, transform: str, use_labels: bool
 
     The step updates the `tf.Variable` `params` and Adam's moments in `adam` = (first moment,
     second moment, the step's number from 1, its learning rate) in place, as Keras's Adam does:
-    done inside the compiled step it costs nothing, done apart it took a quarter of the time.
+    done inside the compiled step it costs almost nothing, done apart it took a quarter of the time.
     One function per combination of options, kept for the session: a later registration with
     the same options and image size reuses the compiled code instead of compiling it again.
     With `use_points`, `points` is (fixed points `[1, N, 3]` in this level's voxels, moving points
