@@ -148,22 +148,24 @@ def affine(
     shape = fixed_t.shape[1:4]
     matrix = tf.Variable(tf.eye(3), name="matrix")
     translation = tf.Variable(tf.zeros(3), name="translation")
-    loss_and_grads = _affine_loss_and_grads(loss)
+    fit_step = _affine_step(loss)
 
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     # One Adam and one decaying rate across all levels: a finer level goes on from where the
     # coarser one stopped, with its moment estimates, instead of jumping at the full rate.
-    optimizer = keras.optimizers.Adam(_decaying(learning_rate, sum(steps)))
+    rate = _decaying(learning_rate, sum(steps))
+    moments = [tf.Variable(tf.zeros_like(v)) for v in (matrix, matrix, translation, translation)]
+    count = 0
     start, paused = time.perf_counter(), 0.0
     for level, (moving_l, fixed_l) in enumerate(_pyramid(moving_t, fixed_t, levels, smoothing)):
         half = tf.constant(_half_size(fixed_l))
         for step in range(steps[level]):
-            value, grads = loss_and_grads(tf.convert_to_tensor(matrix), tf.convert_to_tensor(translation),
-                                          moving_l, fixed_l, half)
-            optimizer.apply(grads, [matrix, translation])
-            result.history.append(float(value))
+            adam = (*moments, tf.constant(count + 1, tf.float32), tf.constant(rate(count), tf.float32))
+            value = float(fit_step(matrix, translation, adam, moving_l, fixed_l, half))
+            count += 1
+            result.history.append(value)
             result.levels.append(level)
-            paused += _notify(callback, level, step, float(value))
+            paused += _notify(callback, level, step, value)
     result.seconds = time.perf_counter() - start - paused
     result.affine = _centred_affine(matrix, translation, _half_size(fixed_t))
     result.ddf = spatial.affine_to_ddf(result.affine, shape)
@@ -182,16 +184,18 @@ def _centred_affine(matrix, translation, half) -> tf.Tensor:
 
 
 @functools.cache
-def _affine_loss_and_grads(loss: str):
-    """The affine objective and its gradient with respect to (matrix, translation), compiled by XLA.
+def _affine_step(loss: str):
+    """One Adam step on the affine objective, compiled by XLA: returns the objective before the step.
 
-    One function per loss, kept for the session, as `_nonrigid_step`: a later
-    registration with the same loss and image size reuses the compiled code.
+    Updates the `tf.Variable`s `matrix` and `translation` and Adam's moments in `adam` = (the
+    matrix's first and second moments, the translation's, the step's number from 1, its
+    learning rate) in place, as `_nonrigid_step` does. One function per loss, kept for the
+    session: a later registration with the same loss and image size reuses the compiled code.
     """
     loss_fn = losses.IMAGE_LOSSES[loss]
 
     @tf.function(jit_compile=True)
-    def loss_and_grads(matrix, translation, moving, fixed, half):
+    def step(matrix, translation, adam, moving, fixed, half):
         # Images come in as arguments, not captured constants, so XLA does not try to fold them.
         with tf.GradientTape() as tape:
             tape.watch([matrix, translation])
@@ -199,9 +203,13 @@ def _affine_loss_and_grads(loss: str):
             coordinates = spatial.warp_grid(grid, _centred_affine(matrix, translation, half))
             warped = spatial.resample(moving, coordinates)
             value = loss_fn(fixed, warped, mask=spatial.inside(coordinates, tf.shape(moving)[1:4]))
-        return value, tape.gradient(value, [matrix, translation])
+        grads = tape.gradient(value, [matrix, translation])
+        *moments, count, rate = adam
+        _adam_update(matrix, grads[0], *moments[:2], count, rate)
+        _adam_update(translation, grads[1], *moments[2:], count, rate)
+        return value
 
-    return loss_and_grads
+    return step
 
 
 def _notify(callback: Callback | None, level: int, step: int, value: float) -> float:
