@@ -77,7 +77,7 @@ def _fit(fixed_points, moving_points, spacing, smoothness: float):
     return centre, p, solution[:n], solution[n:]
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _kernel_sum(points, centres, weights):
     """sum_i w_i U(|x - p_i|) for points `[M, 3]`, centres `[N, 3]`, weights `[N, 3]` (float32, mm)."""
     r = tf.sqrt(tf.reduce_sum(tf.square(points[:, None, :] - centres[None]), axis=-1))

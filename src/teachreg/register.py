@@ -194,7 +194,7 @@ def _affine_step(loss: str):
     """
     loss_fn = losses.IMAGE_LOSSES[loss]
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def step(matrix, translation, adam, moving, fixed, half):
         # Images come in as arguments, not captured constants, so XLA does not try to fold them.
         with tf.GradientTape() as tape:
@@ -387,7 +387,7 @@ def _demons_step(diffeomorphic: bool, gradient: str, field_sigma: float, update_
     # The exponential of an update of at most max_step voxels: ITK's rule for the number of squarings.
     squarings = max(1, math.ceil(2 + math.log2(max_step)))
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def step(ddf, moving, fixed, fixed_gradient):
         grid = spatial.reference_grid_like(fixed)[None]
         warped = spatial.resample(moving, grid + ddf)
@@ -606,7 +606,7 @@ def _nonrigid_step(loss: str, regulariser: str, transform: str, use_labels: bool
     """
     loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], losses.REGULARISERS[regulariser]
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def step(params, adam, bases, moving, fixed, moving_label, fixed_label, regulariser_weight, label_weight,
              points, corner):
         with tf.GradientTape() as tape:

@@ -461,7 +461,7 @@ _COMPILED = {}
 def _xla(fn, *key):
     """`fn` compiled with XLA once (per `key`), retraced only for new shapes."""
     if (fn, *key) not in _COMPILED:
-        _COMPILED[(fn, *key)] = tf.function(fn, reduce_retracing=True, jit_compile=True)
+        _COMPILED[(fn, *key)] = tf.function(fn, reduce_retracing=True, jit_compile=True, autograph=False)
     return _COMPILED[(fn, *key)]
 
 
