@@ -603,6 +603,8 @@ def _nonrigid_step(loss: str, regulariser: str, transform: str, use_labels: bool
     given grid or None, the weight), else None. `fixed` and `fixed_label` may be a box of this
     level's images starting at voxel `corner` `[3]`, and `bases` then the box's rows: the
     objective is taken over the box.
+    Traced without autograph, as every compiled step here: their Python branches and loops
+    depend on options, not on tensors, and converting them cost about 1.5 s of a first call.
     """
     loss_fn, regulariser_fn = losses.IMAGE_LOSSES[loss], losses.REGULARISERS[regulariser]
 
