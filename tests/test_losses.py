@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from teachreg import losses, spatial
-from teachreg.filters import box_kernel1d, gaussian_kernel1d
+from teachreg.filters import box_kernel1d, gaussian_kernel1d, separable_filter
 
 RNG = np.random.default_rng(0)
 SHAPE = (6, 7, 8)
@@ -328,6 +328,29 @@ def test_raw_intensity_loss_gradients_agree_with_float64_finite_differences(kind
     inside = ((w > w.min()) & (w < w.max())).astype(np.float64)
     reference_directional_check(
         lambda x: losses.mutual_information_loss(f, x), lambda x: -mi_reference(f, x), w, rng, h, mask=inside)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_separable_filter_gradient_is_the_transpose_of_the_filter(compiled):
+    """The filter's hand-written gradient (its adjoint) against the transpose of the filter's matrix,
+    built column by column in float64, with a kernel that is not symmetric."""
+    shape, kernel = (1, 3, 4, 5, 1), np.array([0.1, 0.5, 0.2, 0.15, 0.05])
+    size = int(np.prod(shape))
+    columns = [separable_filter(tf.constant(np.eye(size)[i].reshape(shape)), kernel).numpy().ravel() for i in range(size)]
+    matrix = np.stack(columns, axis=1)  # filter(x).ravel() == matrix @ x.ravel()
+    upstream = np.random.default_rng(3).normal(size=shape)
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(tf.constant(upstream) * separable_filter(x, kernel))
+        return tape.gradient(total, x)
+
+    x = tf.constant(np.random.default_rng(4).normal(size=shape))
+    got = (tf.function(gradient, jit_compile=True) if compiled else gradient)(x)
+    np.testing.assert_allclose(got.numpy().ravel(), matrix.T @ upstream.ravel(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="odd number of taps"):
+        separable_filter(x, np.ones(4) / 4)
 
 
 def test_image_losses_by_name():

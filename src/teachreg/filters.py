@@ -24,7 +24,7 @@ def box_kernel1d(size: int) -> np.ndarray:
 
 
 def separable_filter(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
-    """Filter each channel of `volume` [batch, D, H, W, C] with `kernel` along D, H and W.
+    """Filter each channel of `volume` [batch, D, H, W, C] with `kernel` (odd length) along D, H and W.
 
     Returns a tensor of the same shape and dtype. Windows are cut at the volume border and their
     weights renormalised to sum to 1 (normalised convolution), so a constant volume stays
@@ -32,6 +32,8 @@ def separable_filter(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
     weighted sums of shifted slices, which XLA fuses; compiled 3-D convolutions are many times
     slower on a CPU.
     """
+    if len(kernel) % 2 == 0:
+        raise ValueError(f"the kernel must have an odd number of taps, got {len(kernel)}.")
     x = volume
     for axis in (1, 2, 3):
         ones = tf.ones(tf.where(tf.range(5) == axis, tf.shape(x), 1), x.dtype)  # 1 along the others
@@ -40,7 +42,22 @@ def separable_filter(volume: tf.Tensor, kernel: np.ndarray) -> tf.Tensor:
 
 
 def _filter_axis(x: tf.Tensor, kernel: np.ndarray, axis: int) -> tf.Tensor:
-    """`x` filtered along `axis` with `kernel`, zero padding: the same shape."""
+    """`x` correlated along `axis` with `kernel` (odd length), zero padding: the same shape.
+
+    Its gradient is the same correlation with the kernel reversed, the operator's adjoint, written
+    out: TensorFlow's own gradient pads every shifted slice back to full size, which made a
+    filter's gradient 3 times slower than the filter under XLA on a CPU.
+    """
+
+    @tf.custom_gradient
+    def correlated(x):
+        return _correlate(x, kernel, axis), lambda upstream: _correlate(upstream, kernel[::-1], axis)
+
+    return correlated(x)
+
+
+def _correlate(x: tf.Tensor, kernel: np.ndarray, axis: int) -> tf.Tensor:
+    """Sum over taps `i` of `kernel[i] * x` shifted by `i - radius` voxels along `axis`, zeros outside."""
     radius = len(kernel) // 2
     paddings = [[0, 0]] * 5
     paddings[axis] = [radius, radius]
