@@ -317,21 +317,33 @@ def bending_energy_loss(ddf) -> tf.Tensor:
     ddf = _validate.ddf("ddf", ddf)
     if any(n is not None and n < 3 for n in ddf.shape[1:4]):
         raise ValueError(f"ddf must have at least 3 voxels along D, H and W, got shape {tuple(ddf.shape)}.")
-    size = tf.concat([[-1], tf.shape(ddf)[1:4] - 2, [-1]], axis=0)
-
-    def at(offset):  # u at the interior voxels shifted by `offset` (d, h, w), each in {-1, 0, 1}
-        # tf.slice, not strided slicing: its gradient is much faster on CPU without XLA.
-        return tf.slice(ddf, [0, *(1 + offset), 0], size)
-
-    centre = 2.0 * at(np.zeros(3, int))
     unit = np.eye(3, dtype=int)
-    energy = 0.0
-    for a in range(3):  # pure second derivatives
-        energy += tf.square(at(unit[a]) - centre + at(-unit[a]))
-    for a, b in ((0, 1), (0, 2), (1, 2)):  # mixed derivatives, counted twice
-        mixed = at(unit[a] + unit[b]) - at(unit[a] - unit[b]) - at(unit[b] - unit[a]) + at(-unit[a] - unit[b])
-        energy += 0.125 * tf.square(mixed)  # 2 * (mixed / 4)**2
-    return tf.reduce_mean(energy)
+    # (weight of the squared term, the stencil's {offset: coefficient}), offsets (d, h, w) in {-1, 0, 1}
+    stencils = [(1.0, {tuple(unit[a]): 1.0, (0, 0, 0): -2.0, tuple(-unit[a]): 1.0}) for a in range(3)]
+    stencils += [(0.125, {tuple(unit[a] + unit[b]): 1.0, tuple(unit[a] - unit[b]): -1.0,  # 2 * (mixed / 4)**2
+                          tuple(unit[b] - unit[a]): -1.0, tuple(-unit[a] - unit[b]): 1.0})
+                 for a, b in ((0, 1), (0, 2), (1, 2))]
+
+    @tf.custom_gradient
+    def energy(u):
+        full = tf.shape(u)
+        size = tf.concat([[-1], full[1:4] - 2, [-1]], axis=0)
+        # tf.slice, not strided slicing: its gradient is much faster on CPU without XLA.
+        terms = [tf.add_n([c * tf.slice(u, [0, *(1 + np.array(o)), 0], size) for o, c in stencil.items()])
+                 for _, stencil in stencils]
+        value = tf.reduce_mean(tf.add_n([weight * tf.square(t) for (weight, _), t in zip(stencils, terms)]))
+
+        def gradient(upstream):  # the transpose of each stencil, written out: TensorFlow's pads every slice
+            scale = upstream * 2.0 / tf.cast(tf.size(terms[0]), u.dtype)
+            parts = []
+            for (weight, stencil), t in zip(stencils, terms):
+                padded = tf.pad(weight * t, [[0, 0], [2, 2], [2, 2], [2, 2], [0, 0]])  # interior -> full + 2
+                parts += [c * tf.slice(padded, [0, *(1 - np.array(o)), 0], full) for o, c in stencil.items()]
+            return scale * tf.add_n(parts)
+
+        return value, gradient
+
+    return energy(ddf)
 
 
 def gradient_l1_loss(ddf) -> tf.Tensor:

@@ -255,27 +255,54 @@ def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
     """Finite-difference gradient of `field` `[batch, D, H, W, C]` along D, H, W (per voxel).
 
     Returns `[batch, D, H, W, C, 3]`: central differences inside, one-sided at the borders
-    (as `numpy.gradient`). Each axis needs at least 2 voxels.
+    (as `numpy.gradient`). Each axis needs at least 2 voxels. Its own gradient (the operator's
+    transpose) is written out: TensorFlow's pads every slice back to full size, which made the
+    regularisers' gradients 5 to 10 times slower than their values under XLA on a CPU.
     """
-    grads = []
     shape = tf.shape(field)
     for axis in (1, 2, 3):
-        n = shape[axis]
         message = "the spatial gradient needs at least 2 voxels along each axis"
         if field.shape[axis] is None:  # only known when run: checked then (XLA, where shapes are known, has no asserts)
-            tf.debugging.assert_greater_equal(n, 2, message=message)
+            tf.debugging.assert_greater_equal(shape[axis], 2, message=message)
         elif field.shape[axis] < 2:
             raise ValueError(f"{message}, got shape {tuple(field.shape)}.")
 
-        def part(start, size, axis=axis):
-            begin = tf.one_hot(axis, 5, dtype=tf.int32) * start
-            return tf.slice(field, begin, tf.tensor_scatter_nd_update(shape, [[axis]], [size]))
+    @tf.custom_gradient
+    def differences(field):
+        def transposed(upstream):
+            return tf.add_n([_difference_transposed(upstream[..., i], axis) for i, axis in enumerate((1, 2, 3))])
 
-        first = part(1, 1) - part(0, 1)
-        inner = (part(2, n - 2) - part(0, n - 2)) / 2
-        last = part(n - 1, 1) - part(n - 2, 1)
-        grads.append(tf.concat([first, inner, last], axis=axis))
-    return tf.stack(grads, axis=-1)
+        return tf.stack([_difference(field, axis) for axis in (1, 2, 3)], axis=-1), transposed
+
+    return differences(field)
+
+
+def _part(x: tf.Tensor, axis: int, start, size) -> tf.Tensor:
+    """`size` voxels of `x` `[batch, D, H, W, C]` from `start` along `axis`, all of the other axes."""
+    shape = tf.shape(x)
+    return tf.slice(x, tf.one_hot(axis, 5, dtype=tf.int32) * start, tf.tensor_scatter_nd_update(shape, [[axis]], [size]))
+
+
+def _difference(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """`x`'s finite differences along `axis`: one-sided at both ends, central between."""
+    n = tf.shape(x)[axis]
+    first = _part(x, axis, 1, 1) - _part(x, axis, 0, 1)
+    inner = (_part(x, axis, 2, n - 2) - _part(x, axis, 0, n - 2)) / 2
+    last = _part(x, axis, n - 1, 1) - _part(x, axis, n - 2, 1)
+    return tf.concat([first, inner, last], axis=axis)
+
+
+def _difference_transposed(y: tf.Tensor, axis: int) -> tf.Tensor:
+    """The transpose of `_difference` along `axis` applied to `y` (same shape): with `w` = `y`
+    halved inside, `x[j] = w[j - 1] - w[j + 1]` (0 beyond the ends), minus `w[0]` at the first
+    voxel and plus `w[n - 1]` at the last (the one-sided differences)."""
+    n = tf.shape(y)[axis]
+    first, last = _part(y, axis, 0, 1), _part(y, axis, n - 1, 1)
+    inner = _part(y, axis, 1, n - 2) / 2
+    w = tf.concat([first, inner, last], axis=axis)
+    zero = tf.zeros_like(first)
+    shifted = tf.concat([zero, _part(w, axis, 0, n - 1)], axis=axis) - tf.concat([_part(w, axis, 1, n - 1), zero], axis=axis)
+    return shifted + tf.concat([-first, tf.zeros_like(inner), last], axis=axis)
 
 
 def jacobian_determinant(ddf) -> tf.Tensor:
