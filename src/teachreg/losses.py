@@ -313,6 +313,8 @@ def bending_energy_loss(ddf) -> tf.Tensor:
     face), the 3 components and the batch. Second differences on the 3-voxel stencil,
     `u[i+1] - 2 u[i] + u[i-1]` and `(u[i+1, j+1] - u[i+1, j-1] - u[i-1, j+1] + u[i-1, j-1]) / 4`,
     so an affine DDF gives 0. In voxel units (1 / voxel**2). Each axis needs at least 3 voxels.
+    Its gradient applies each stencil's transpose, written out: TensorFlow's pads every slice back
+    to full size (value and gradient on a 32x128x128 DDF, XLA, 2-core CPU: 10.8 ms instead of 28.8).
     """
     ddf = _validate.ddf("ddf", ddf)
     if any(n is not None and n < 3 for n in ddf.shape[1:4]):
@@ -333,7 +335,7 @@ def bending_energy_loss(ddf) -> tf.Tensor:
                  for _, stencil in stencils]
         value = tf.reduce_mean(tf.add_n([weight * tf.square(t) for (weight, _), t in zip(stencils, terms)]))
 
-        def gradient(upstream):  # the transpose of each stencil, written out: TensorFlow's pads every slice
+        def gradient(upstream):  # 2 / N * sum of weight * stencil transposed (term)
             scale = upstream * 2.0 / tf.cast(tf.size(terms[0]), u.dtype)
             parts = []
             for (weight, stencil), t in zip(stencils, terms):

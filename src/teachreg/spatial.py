@@ -256,8 +256,8 @@ def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
 
     Returns `[batch, D, H, W, C, 3]`: central differences inside, one-sided at the borders
     (as `numpy.gradient`). Each axis needs at least 2 voxels. Its own gradient (the operator's
-    transpose) is written out: TensorFlow's pads every slice back to full size, which made the
-    regularisers' gradients 5 to 10 times slower than their values under XLA on a CPU.
+    transpose) is written out: TensorFlow's pads every slice back to full size. The diffusion
+    regulariser with its gradient on a 32x128x128 DDF (XLA, 2-core CPU): 16.7 ms instead of 19.6.
     """
     shape = tf.shape(field)
     for axis in (1, 2, 3):
