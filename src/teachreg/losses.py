@@ -330,7 +330,6 @@ def bending_energy_loss(ddf) -> tf.Tensor:
     def energy(u):
         full = tf.shape(u)
         size = tf.concat([[-1], full[1:4] - 2, [-1]], axis=0)
-        # tf.slice, not strided slicing: its gradient is much faster on CPU without XLA.
         terms = [tf.add_n([c * tf.slice(u, [0, *(1 + np.array(o)), 0], size) for o, c in stencil.items()])
                  for _, stencil in stencils]
         value = tf.reduce_mean(tf.add_n([weight * tf.square(t) for (weight, _), t in zip(stencils, terms)]))
