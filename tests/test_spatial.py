@@ -247,6 +247,27 @@ def test_resize_ddf_keeps_physical_displacement():
     np.testing.assert_allclose(fine, spatial.affine_to_ddf(expected, (17, 17, 17)).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,coarse", [((9, 12, 2), (5, 6, 1)), ((17, 8, 5), (9, 8, 2))])
+def test_linear_basis_resizes_as_resize_does(shape, coarse):
+    # the separable matrices (SVF integration grid -> level) match the trilinear, corners-aligned
+    # `resize`, and reproduce an affine field exactly
+    field = np.random.default_rng(0).normal(size=(1, *coarse, 3)).astype(np.float32)
+    bases = [spatial.linear_basis(n, c) for n, c in zip(shape, coarse)]
+    np.testing.assert_allclose(spatial.bspline_to_ddf(field, bases).numpy(), spatial.resize(field, shape).numpy(),
+                               atol=1e-5)
+    for basis in bases:
+        np.testing.assert_allclose(basis.sum(axis=1), 1.0, rtol=1e-6)
+        assert np.all(basis >= 0) and np.all(np.count_nonzero(basis, axis=1) <= 2)
+    if min(coarse) == 1:  # a single sample is copied, not interpolated
+        return
+    affine = spatial.affine_from_parameters(rotations=(0.0, 10.0, 0.0), scales=(1.1, 1.0, 0.9), center=(2.0, 3.0, 1.0))
+    resized = spatial.bspline_to_ddf(spatial.affine_to_ddf(affine, coarse), bases).numpy()
+    scale = [(n - 1) / (c - 1) for n, c in zip(shape, coarse)]  # fine voxels per coarse voxel
+    coarse_grid = spatial.reference_grid(shape).numpy() / scale  # the fine voxels' positions in coarse voxels
+    expected = (np.concatenate([coarse_grid, np.ones((*shape, 1))], -1) @ affine.numpy()[0]) - coarse_grid
+    np.testing.assert_allclose(resized[0], expected, atol=1e-4)
+
+
 def test_downsample_halves_the_grid_and_keeps_constants():
     image = np.full((1, 37, 128, 128), 3.0, np.float32)
     small = spatial.downsample(image).numpy()

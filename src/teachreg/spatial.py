@@ -30,7 +30,7 @@ __all__ = [
     "reference_grid", "reference_grid_like", "warp_grid", "affine_to_ddf", "invert_affine",
     "affine_from_parameters", "random_affine", "affine_mm_to_voxels", "affine_voxels_to_mm",
     "resample", "inside", "warp", "compose_ddf", "invert_ddf", "svf_to_ddf", "spatial_gradient",
-    "jacobian_determinant", "bspline_basis", "bspline_control_shape", "bspline_to_ddf",
+    "jacobian_determinant", "bspline_basis", "bspline_control_shape", "bspline_to_ddf", "linear_basis",
     "fit_bspline", "smooth", "resize", "downsample", "resize_ddf",
 ]
 
@@ -333,11 +333,27 @@ def bspline_control_shape(shape: Shape3, spacing) -> tuple[int, int, int]:
     return tuple(int(np.ceil((n - 1) / max(s, 1e-6))) + 3 for n, s in zip(_shape3(shape), spacing))
 
 
+def linear_basis(size: int, count: int) -> np.ndarray:
+    """Linear interpolation weights `[size, count]` from `count` samples to `size`, corners aligned (as `resize`).
+
+    Each row holds at most two weights, summing to 1. `bspline_to_ddf` applies such matrices too:
+    with `linear_basis` matrices it is a separable, corners-aligned trilinear resize.
+    """
+    position = np.arange(size) * ((count - 1) / max(size - 1, 1))  # in samples
+    below = np.minimum(np.floor(position).astype(int), max(count - 2, 0))
+    weights = np.zeros((size, count), np.float32)
+    weights[np.arange(size), below] = 1.0 - (position - below)
+    if count > 1:
+        weights[np.arange(size), below + 1] = position - below
+    return weights
+
+
 def bspline_to_ddf(control_points, bases) -> tf.Tensor:
     """A DDF `[batch, D, H, W, 3]` from cubic B-spline control displacements `[batch, d, h, w, 3]`.
 
     `bases`: the three `bspline_basis` matrices `[D, d]`, `[H, h]`, `[W, w]`; displacements in the
     DDF's voxels. The field is smooth (twice continuously differentiable) by construction.
+    Any separable basis works the same way: `linear_basis` matrices resize a field trilinearly.
     """
     x = tf.einsum("Dd,bdhwc->bDhwc", bases[0], control_points)
     x = tf.einsum("Hh,bDhwc->bDHwc", bases[1], x)
