@@ -205,7 +205,8 @@ def _register(args: argparse.Namespace) -> int:
           f"results in {args.out}: {', '.join(report['outputs'])}")
     if report["folded_fraction"] > _FOLDING_WARNING and args.method in ("bspline", "ddf"):
         print(f"teachreg: warning: the field folds {100 * report['folded_fraction']:.2f} % of the voxels, where no tissue "
-              "folds; --method demons or svf keeps the transform invertible (no folds)", file=sys.stderr)
+              "folds; --method demons keeps the transform invertible, and svf folds far less (only by "
+              "discretisation)", file=sys.stderr)
     return 0
 
 
