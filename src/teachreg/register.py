@@ -588,7 +588,7 @@ def _level_start(transform: str, params, ddf, level_shape: tuple[int, int, int],
 
 
 def _to_ddf(transform: str, params, bases=None) -> tf.Tensor:
-    """The DDF `[1, D, H, W, 3]` at the current level from the optimised parameters (`bases`: B-spline only)."""
+    """The DDF `[1, D, H, W, 3]` at the current level from the optimised parameters (`bases`: B-spline and SVF, see `_level_start`)."""
     if transform == "bspline":
         return spatial.bspline_to_ddf(params, bases)
     if transform == "svf":  # integrated on the velocities' grid, then resized to the level's (voxels rescaled)
