@@ -122,15 +122,18 @@ def test_nonrigid_refuses_bad_crops_and_seeds(kwargs, match):
         register.nonrigid(image, image, levels=1, steps=1, **kwargs)
 
 
-def test_a_multilevel_registration_compiles_its_step_once_per_level():
-    # Each level's image size (and the finest level's box) is compiled once, and kept for the next call.
+@pytest.mark.parametrize("transform", ["bspline", "svf"])
+def test_a_multilevel_registration_compiles_its_step_once_per_level(transform):
+    # Each level's image size (and the finest level's box, or the SVF's velocity grid) is compiled
+    # once, and kept for the next call.
     moving = blobs(shape=(10, 13, 14), seed=9)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
-    step = register._nonrigid_step("ssd", "l1", "bspline", False, False)
+    step = register._nonrigid_step("ssd", "l1", transform, False, False)
+    options = dict(loss="ssd", regulariser="l1", transform=transform, grid_spacing=4.0, levels=3, steps=5)
     before = step.experimental_get_tracing_count()
-    register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5)
+    register.nonrigid(moving, fixed, **options)
     assert step.experimental_get_tracing_count() - before == 3
-    register.nonrigid(moving, fixed, loss="ssd", regulariser="l1", grid_spacing=4.0, levels=3, steps=5, seed=1)
+    register.nonrigid(moving, fixed, **options, seed=1)
     assert step.experimental_get_tracing_count() - before == 3
 
 
