@@ -122,19 +122,44 @@ def test_nonrigid_refuses_bad_crops_and_seeds(kwargs, match):
         register.nonrigid(image, image, levels=1, steps=1, **kwargs)
 
 
-@pytest.mark.parametrize("transform", ["bspline", "svf"])
-def test_a_multilevel_registration_compiles_its_step_once_per_level(transform):
-    # Each level's image size (and the finest level's box, or the SVF's velocity grid) is compiled
-    # once, and kept for the next call.
+@pytest.mark.parametrize("transform", ["bspline", "svf", "ddf"])
+def test_a_multilevel_registration_traces_its_step_once(transform):
+    # All levels (each its own image size, the finest level's box, the SVF's velocity grid) share
+    # one trace of the compiled step, and later calls, of this image size or another, reuse it.
     moving = blobs(shape=(10, 13, 14), seed=9)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
     step = register._nonrigid_step("ssd", "l1", transform, False, False)
     options = dict(loss="ssd", regulariser="l1", transform=transform, grid_spacing=4.0, levels=3, steps=5)
     before = step.experimental_get_tracing_count()
-    register.nonrigid(moving, fixed, **options)
-    assert step.experimental_get_tracing_count() - before == 3
+    first = register.nonrigid(moving, fixed, **options)
+    assert step.experimental_get_tracing_count() - before == 1
     register.nonrigid(moving, fixed, **options, seed=1)
-    assert step.experimental_get_tracing_count() - before == 3
+    register.nonrigid(moving[1:, 2:], fixed[1:, 2:], **options)
+    assert step.experimental_get_tracing_count() - before == 1
+    # The shared trace computes what a trace per size computes.
+    separate = tf.function(step.python_function, jit_compile=True, autograph=False)
+    register._nonrigid_step.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(register, "_nonrigid_step", lambda *options: separate)
+            patch.setattr(register, "_trace_once", lambda step, args: None)
+            again = register.nonrigid(moving, fixed, **options)
+    finally:
+        register._nonrigid_step.cache_clear()
+    assert separate.experimental_get_tracing_count() == 3
+    np.testing.assert_allclose(again.ddf.numpy(), first.ddf.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_affine_and_demons_trace_their_steps_once():
+    moving = blobs(shape=(10, 13, 14), seed=9)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
+    for builder, key, run in ((register._affine_step, ("ssd",), lambda m, f: register.affine(m, f, loss="ssd", levels=3, steps=3)),
+                              (register._demons_step, (False, "fixed", 1.5, 0.0, 0.5), lambda m, f: register.demons(m, f, steps=3))):
+        builder.cache_clear()  # a fresh step, not one an earlier test traced; the runs below share it
+        step = builder(*key)
+        run(moving, fixed)
+        run(moving[1:, 2:], fixed[1:, 2:])
+        assert step.experimental_get_tracing_count() == 1
 
 
 def test_the_compiled_adam_update_is_keras_adam():

@@ -248,13 +248,16 @@ def test_resize_ddf_keeps_physical_displacement():
 
 
 @pytest.mark.parametrize("shape,coarse", [((9, 12, 2), (5, 6, 1)), ((17, 8, 5), (9, 8, 2))])
-def test_linear_basis_resizes_as_resize_does(shape, coarse):
-    # the separable matrices (SVF integration grid -> level) match the trilinear, corners-aligned
-    # `resize`, and reproduce an affine field exactly
+def test_linear_basis_resizes_as_the_trilinear_sampler(shape, coarse):
+    # the separable matrices (`resize`, and the SVF's integration grid -> level) give what the
+    # trilinear sampler gives at the corners-aligned positions, and reproduce an affine field exactly
     field = np.random.default_rng(0).normal(size=(1, *coarse, 3)).astype(np.float32)
     bases = [spatial.linear_basis(n, c) for n, c in zip(shape, coarse)]
-    np.testing.assert_allclose(spatial.bspline_to_ddf(field, bases).numpy(), spatial.resize(field, shape).numpy(),
-                               atol=1e-5)
+    positions = spatial.reference_grid(shape).numpy() * ((np.array(coarse) - 1) / np.maximum(np.array(shape) - 1, 1))
+    sampled = spatial.resample(field, positions[None]).numpy()
+    np.testing.assert_allclose(spatial.bspline_to_ddf(field, bases).numpy(), sampled, atol=1e-5)
+    np.testing.assert_allclose(spatial.resize(field, shape).numpy(), sampled, atol=1e-5)
+    np.testing.assert_allclose(spatial.resize(field[..., 0], shape).numpy(), sampled[..., 0], atol=1e-5)
     for basis in bases:
         np.testing.assert_allclose(basis.sum(axis=1), 1.0, rtol=1e-6)
         assert np.all(basis >= 0) and np.all(np.count_nonzero(basis, axis=1) <= 2)

@@ -277,18 +277,16 @@ def spatial_gradient(field: tf.Tensor) -> tf.Tensor:
     return differences(field)
 
 
-def _part(x: tf.Tensor, axis: int, start, size) -> tf.Tensor:
-    """`size` voxels of `x` `[batch, D, H, W, C]` from `start` along `axis`, all of the other axes."""
-    shape = tf.shape(x)
-    return tf.slice(x, tf.one_hot(axis, 5, dtype=tf.int32) * start, tf.tensor_scatter_nd_update(shape, [[axis]], [size]))
+def _part(x: tf.Tensor, axis: int, start: int | None, stop: int | None) -> tf.Tensor:
+    """`x[..., start:stop, ...]` along `axis` of `[batch, D, H, W, C]` (Python bounds: negative from the end)."""
+    return x[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _difference(x: tf.Tensor, axis: int) -> tf.Tensor:
     """`x`'s finite differences along `axis`: one-sided at both ends, central between."""
-    n = tf.shape(x)[axis]
-    first = _part(x, axis, 1, 1) - _part(x, axis, 0, 1)
-    inner = (_part(x, axis, 2, n - 2) - _part(x, axis, 0, n - 2)) / 2
-    last = _part(x, axis, n - 1, 1) - _part(x, axis, n - 2, 1)
+    first = _part(x, axis, 1, 2) - _part(x, axis, 0, 1)
+    inner = (_part(x, axis, 2, None) - _part(x, axis, 0, -2)) / 2
+    last = _part(x, axis, -1, None) - _part(x, axis, -2, -1)
     return tf.concat([first, inner, last], axis=axis)
 
 
@@ -296,12 +294,11 @@ def _difference_transposed(y: tf.Tensor, axis: int) -> tf.Tensor:
     """The transpose of `_difference` along `axis` applied to `y` (same shape): with `w` = `y`
     halved inside, `x[j] = w[j - 1] - w[j + 1]` (0 beyond the ends), minus `w[0]` at the first
     voxel and plus `w[n - 1]` at the last (the one-sided differences)."""
-    n = tf.shape(y)[axis]
-    first, last = _part(y, axis, 0, 1), _part(y, axis, n - 1, 1)
-    inner = _part(y, axis, 1, n - 2) / 2
+    first, last = _part(y, axis, 0, 1), _part(y, axis, -1, None)
+    inner = _part(y, axis, 1, -1) / 2
     w = tf.concat([first, inner, last], axis=axis)
     zero = tf.zeros_like(first)
-    shifted = tf.concat([zero, _part(w, axis, 0, n - 1)], axis=axis) - tf.concat([_part(w, axis, 1, n - 1), zero], axis=axis)
+    shifted = tf.concat([zero, _part(w, axis, 0, -1)], axis=axis) - tf.concat([_part(w, axis, 1, None), zero], axis=axis)
     return shifted + tf.concat([-first, tf.zeros_like(inner), last], axis=axis)
 
 
@@ -334,10 +331,10 @@ def bspline_control_shape(shape: Shape3, spacing) -> tuple[int, int, int]:
 
 
 def linear_basis(size: int, count: int) -> np.ndarray:
-    """Linear interpolation weights `[size, count]` from `count` samples to `size`, corners aligned (as `resize`).
+    """Linear interpolation weights `[size, count]` from `count` samples to `size`, corners aligned.
 
-    Each row holds at most two weights, summing to 1. `bspline_to_ddf` applies such matrices too:
-    with `linear_basis` matrices it is a separable, corners-aligned trilinear resize.
+    Each row holds at most two weights, summing to 1. `resize` applies one along each axis;
+    `bspline_to_ddf` accepts them too, as a separable trilinear resize.
     """
     position = np.arange(size) * ((count - 1) / max(size - 1, 1))  # in samples
     below = np.minimum(np.floor(position).astype(int), max(count - 2, 0))
@@ -355,7 +352,12 @@ def bspline_to_ddf(control_points, bases) -> tf.Tensor:
     DDF's voxels. The field is smooth (twice continuously differentiable) by construction.
     Any separable basis works the same way: `linear_basis` matrices resize a field trilinearly.
     """
-    x = tf.einsum("Dd,bdhwc->bDhwc", bases[0], control_points)
+    return _separable(control_points, bases)
+
+
+def _separable(x: tf.Tensor, bases) -> tf.Tensor:
+    """`x` `[batch, d, h, w, C]` multiplied along d, h, w by the matrices `bases` `[D, d]`, `[H, h]`, `[W, w]`: `[batch, D, H, W, C]`."""
+    x = tf.einsum("Dd,bdhwc->bDhwc", bases[0], x)
     x = tf.einsum("Hh,bDhwc->bDHwc", bases[1], x)
     return tf.einsum("Ww,bDHwc->bDHWc", bases[2], x)
 
@@ -379,13 +381,21 @@ def smooth(image, sigma: float) -> tf.Tensor:
 
 
 def resize(volume, shape: Shape3, interpolation: str = "linear") -> tf.Tensor:
-    """Resample `volume` `[batch, D, H, W(, C)]` onto `shape`, corners aligned (first and last voxels kept)."""
+    """Resample `volume` `[batch, D, H, W(, C)]` onto `shape`, corners aligned (first and last voxels kept).
+
+    Linear: three matrix products with `linear_basis` matrices, one per axis, which need no
+    compiling for each new pair of sizes (a compiled sampler took 0.2-0.5 s per size on a 2-core CPU).
+    """
+    _check_options(interpolation, "border")
     volume_t = _validate.image("volume", volume)
-    old = np.asarray(volume_t.shape[1:4], np.float32)
-    new = np.asarray(_shape3(shape), np.float32)
-    factor = (old - 1) / np.maximum(new - 1, 1)
-    coordinates = reference_grid(shape) * factor
-    return resample(volume, coordinates[None], interpolation=interpolation)
+    if interpolation == "nearest":
+        old = np.asarray(volume_t.shape[1:4], np.float32)
+        new = np.asarray(_shape3(shape), np.float32)
+        coordinates = reference_grid(shape) * ((old - 1) / np.maximum(new - 1, 1))
+        return resample(volume, coordinates[None], interpolation=interpolation)
+    bases = [tf.constant(linear_basis(n, int(o))) for n, o in zip(_shape3(shape), volume_t.shape[1:4])]
+    out = _separable(volume_t, bases)
+    return out if _rank(volume) == 5 else out[..., 0]
 
 
 def downsample(image, factor: int = 2) -> tf.Tensor:
