@@ -123,17 +123,29 @@ def test_nonrigid_refuses_bad_crops_and_seeds(kwargs, match):
 
 
 @pytest.mark.parametrize("transform", ["bspline", "svf", "ddf"])
-def test_a_multilevel_registration_traces_its_step_once(transform):
+def test_a_multilevel_registration_traces_its_step_once_and_compiles_it_once_per_level(transform):
     # All levels (each its own image size, the finest level's box, the SVF's velocity grid) share
     # one trace of the compiled step, and later calls, of this image size or another, reuse it.
     moving = blobs(shape=(10, 13, 14), seed=9)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
     step = register._nonrigid_step("ssd", "l1", transform, False, False)
     options = dict(loss="ssd", regulariser="l1", transform=transform, grid_spacing=4.0, levels=3, steps=5)
+    # XLA compiles the step once per distinct set of input shapes: one per level, none more on a second call
+    shapes = set()
+
+    def spy(*args):
+        shapes.add(tuple(tuple(tf.convert_to_tensor(x).shape) for x in tf.nest.flatten(args)
+                         if isinstance(x, (tf.Tensor, tf.Variable))))
+        return step(*args)
+
+    spy.get_concrete_function = step.get_concrete_function
     before = step.experimental_get_tracing_count()
-    first = register.nonrigid(moving, fixed, **options)
-    assert step.experimental_get_tracing_count() - before == 1
-    register.nonrigid(moving, fixed, **options, seed=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(register, "_nonrigid_step", lambda *key: spy)
+        first = register.nonrigid(moving, fixed, **options)
+        assert step.experimental_get_tracing_count() - before == 1
+        register.nonrigid(moving, fixed, **options, seed=1)
+        assert len(shapes) == 3
     register.nonrigid(moving[1:, 2:], fixed[1:, 2:], **options)
     assert step.experimental_get_tracing_count() - before == 1
     # The shared trace computes what a trace per size computes.
