@@ -1,6 +1,7 @@
 """The classical optimisers recover known transforms."""
 
 import re
+import threading
 
 import keras
 import numpy as np
@@ -128,9 +129,12 @@ def test_a_multilevel_registration_traces_its_step_once_and_compiles_it_once_per
     # one trace of the compiled step, and later calls, of this image size or another, reuse it.
     moving = blobs(shape=(10, 13, 14), seed=9)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=10)).numpy()[0]
+    register._nonrigid_step.cache_clear()  # a fresh step, not one an earlier test traced
     step = register._nonrigid_step("ssd", "l1", transform, False, False)
     options = dict(loss="ssd", regulariser="l1", transform=transform, grid_spacing=4.0, levels=3, steps=5)
-    # XLA compiles the step once per distinct set of input shapes: one per level, none more on a second call
+    # XLA compiles the step once per distinct set of input shapes: one per level, none more on a
+    # second call. The calls of the background compiling thread are counted too, so its throwaway
+    # arguments have the shapes of the real ones.
     shapes = set()
 
     def spy(*args):
@@ -150,33 +154,46 @@ def test_a_multilevel_registration_traces_its_step_once_and_compiles_it_once_per
     assert step.experimental_get_tracing_count() - before == 1
     # The shared trace computes what a trace per size computes.
     separate = tf.function(step.python_function, jit_compile=True, autograph=False)
-    register._nonrigid_step.cache_clear()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(register, "_nonrigid_step", lambda *options: separate)
-            patch.setattr(register, "_trace_once", lambda step, args: None)
-            again = register.nonrigid(moving, fixed, **options)
-    finally:
-        register._nonrigid_step.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(register, "_nonrigid_step", lambda *options: separate)
+        patch.setattr(register, "_trace_once", lambda step, args: None)
+        again = register.nonrigid(moving, fixed, **options)
     assert separate.experimental_get_tracing_count() == 3
     np.testing.assert_allclose(again.ddf.numpy(), first.ddf.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_compiling_the_finer_levels_ahead_leaves_the_result_unchanged():
+@pytest.mark.parametrize("steps", [8, (0, 6, 6), (6, 0, 6)])
+def test_compiling_the_finer_levels_ahead_leaves_the_result_unchanged(steps):
     # The background thread calls the step on throwaway variables only: the registration is the
-    # same, to the bit, as one that compiles each level when it gets there.
+    # same, to the bit, as one that compiles each level when it gets there (on a CPU).
     moving = blobs(shape=(12, 13, 14), seed=3)
     fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=4)).numpy()[0]
     labels = dict(moving_label=(moving > 0.5).astype(np.float32), fixed_label=(fixed > 0.5).astype(np.float32),
                   label_weight=0.5)
-    options = dict(grid_spacing=4.0, levels=3, steps=8, **labels)
-    ahead = register.nonrigid(moving, fixed, **options)
-    compile_ahead = register._compile_ahead
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(register, "_compile_ahead", lambda step, calls: compile_ahead(step, []))
-        each_level = register.nonrigid(moving, fixed, **options)
+    options = dict(grid_spacing=4.0, levels=3, steps=steps, **labels)
+    with tf.device("/CPU:0"):
+        ahead = register.nonrigid(moving, fixed, **options)
+        compile_ahead = register._compile_ahead
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(register, "_compile_ahead",
+                          lambda step, make_args, levels, device: compile_ahead(step, make_args, [], device))
+            each_level = register.nonrigid(moving, fixed, **options)
     np.testing.assert_array_equal(ahead.ddf.numpy(), each_level.ddf.numpy())
     assert ahead.history == each_level.history
+
+
+def test_a_registration_stopped_by_its_callback_leaves_no_compiling_behind():
+    # The background thread is stopped and joined however the registration ends.
+    moving = blobs(shape=(12, 13, 14), seed=5)
+    fixed = spatial.warp(moving[None], smooth_ddf(moving.shape, 1.0, seed=6)).numpy()[0]
+    before = threading.active_count()
+
+    def stop(level, step, value):
+        raise RuntimeError("stopped by the callback")
+
+    with pytest.raises(RuntimeError, match="stopped by the callback"):
+        register.nonrigid(moving, fixed, grid_spacing=4.0, levels=3, steps=4, callback=stop)
+    assert threading.active_count() == before
 
 
 def test_affine_and_demons_trace_their_steps_once():

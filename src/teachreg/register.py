@@ -246,23 +246,33 @@ def _trace_once(step, args) -> None:
     step.get_concrete_function(*tf.nest.map_structure(free, args))
 
 
-def _compile_ahead(step, calls: list[tuple]) -> threading.Thread:
-    """Call the compiled `step` once with each of `calls` in a background thread, to compile it for them.
+def _compile_ahead(step, make_args, levels: list[int], device: str) -> tuple[threading.Thread, threading.Event]:
+    """Call the compiled `step` once for each of `levels` in a background thread, to compile it for them.
 
     XLA compiles a step on its first call with each image size, so a pyramid compiles each finer
-    level when it gets there. Started at the coarsest level's first step, the thread compiles the
+    level when it gets there. Started at the registration's first step, the thread compiles the
     finer levels while the coarser ones run: a session's first registration of the prostate pair
-    9.1-10.4 s to 7.9-8.3 s on a 2-core CPU. `calls` hold throwaway variables (and a learning rate
-    of 0), so the registration's own results do not change.
+    9.1-10.4 s to 7.9-8.3 s on a 2-core CPU. `make_args(level)` gives a level's arguments with
+    throwaway variables, made one level at a time, so the registration's own results do not
+    change. The calls run on `device` (a thread does not inherit the caller's `tf.device`).
+    Returns the thread and an event that stops it before its next call. Errors are left to the
+    registration's own call of the step, which raises them.
     """
+    stop = threading.Event()
 
     def compile_all():
-        for args in calls:
-            step(*args)
+        try:
+            with tf.device(device):
+                for level in levels:
+                    if stop.is_set():
+                        return
+                    step(*make_args(level))
+        except Exception:  # the registration's own call of the step raises it
+            return
 
     thread = threading.Thread(target=compile_all, daemon=True)
     thread.start()
-    return thread
+    return thread, stop
 
 
 def _half_size(image: tf.Tensor) -> np.ndarray:
@@ -591,30 +601,37 @@ def nonrigid(
         return (params, adam, box_bases, moving_l, fixed_l[window], mlabel_l, flabel_l[window], *weights,
                 level_points[level], tf.constant(corner, tf.float32))
 
+    def throwaway_args(level):  # the arguments of a level's first step, with variables of its own
+        return step_args(level, *level_start(level, None, None), 1, 0.0, np.zeros(3, int))
+
     params = ddf = ahead = None
     rng = np.random.default_rng(seed)
     result = Result(ddf=tf.zeros([1, *shape, 3]))
     start, paused = time.perf_counter(), 0.0
-    for level in range(levels):
-        params, bases, moments = level_start(level, params, ddf)
-        rate = _decaying(learning_rate, steps[level])
-        recent: list[float] = []
-        for step in range(steps[level]):
-            corner = rng.integers(0, level_shapes[level] - boxes[level] + 1)  # the box's first voxel
-            args = step_args(level, params, bases, moments, step + 1, rate(step), corner)
-            if ahead is None:  # the first step: trace, and compile the finer levels while this one runs
-                _trace_once(fit_step, args)
-                ahead = _compile_ahead(fit_step, [step_args(k, *level_start(k, None, None), 1, 0.0, np.zeros(3, int))
-                                                  for k in range(level + 1, levels) if steps[k] > 0])
-            value = float(fit_step(*args))
-            result.history.append(value)
-            result.levels.append(level)
-            recent.append(value)
-            paused += _notify(callback, level, step, value)
-            if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
-                break
-        ddf = _to_ddf(transform, params, bases)
-    ahead.join()
+    try:
+        for level in range(levels):
+            params, bases, moments = level_start(level, params, ddf)
+            rate = _decaying(learning_rate, steps[level])
+            recent: list[float] = []
+            for step in range(steps[level]):
+                corner = rng.integers(0, level_shapes[level] - boxes[level] + 1)  # the box's first voxel
+                args = step_args(level, params, bases, moments, step + 1, rate(step), corner)
+                if ahead is None:  # the first step: trace, and compile the finer levels while this one runs
+                    _trace_once(fit_step, args)
+                    ahead = _compile_ahead(fit_step, throwaway_args, [k for k in range(level + 1, levels) if steps[k] > 0],
+                                           moving_t.device)
+                value = float(fit_step(*args))
+                result.history.append(value)
+                result.levels.append(level)
+                recent.append(value)
+                paused += _notify(callback, level, step, value)
+                if tolerance > 0 and len(recent) > 20 and recent[-21] - value < tolerance * abs(recent[-21]):
+                    break
+            ddf = _to_ddf(transform, params, bases)
+    finally:  # also when interrupted: no compiling left running behind the caller's back
+        if ahead is not None:
+            ahead[1].set()
+            ahead[0].join()
     result.seconds = time.perf_counter() - start - paused
     ddf = ddf if tuple(ddf.shape[1:4]) == shape else spatial.resize_ddf(ddf, shape)
     result.ddf = ddf if initial_ddf is None else spatial.compose_ddf(initial_ddf, ddf)
