@@ -646,3 +646,33 @@ def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
         train.train(config, output=tmp_path / "given", progress=False, pairs=draw_small(sources, motions, 1, 0, 0))
     with pytest.raises(ValueError, match="data.draw must be an integer >= 0"):
         train.load_config({"data": {"draw": -1}})
+
+
+def test_drawn_pairs_kept_for_several_epochs_are_drawn_again_on_resuming(tmp_path, monkeypatch):
+    from teachreg import train
+
+    sources, motions = _parts()
+    draw_pairs, drawn = lung.draw_pairs, []
+
+    def draw_small(sources, motions, count, seed, epoch):
+        drawn.append(epoch)
+        return draw_pairs(sources, motions, count, seed, epoch, **SMALL_GRID)
+
+    monkeypatch.setattr(lung, "split_parts", lambda split, progress: {"train": (sources, motions)}[split])
+    monkeypatch.setattr(lung, "draw_pairs", draw_small)
+    config = {"model": {"channels": [4, 8], "downsample": 2}, "mode": "supervised", "data": {"draw": 1, "keep": 2},
+              "epochs": 3}
+    straight, _ = train.train(config, output=tmp_path / "straight", progress=False)
+    assert drawn == [0, 1, 2]  # each epoch draws once; epochs 2 and 3 also train on the pair drawn before
+    assert train._learning_rate({**config, "schedule": "cosine", "epochs": 3, "learning_rate": 1.0},
+                                1, 1).decay_steps == 1 + 2 + 2
+    drawn.clear()
+    train.train({**config, "epochs": 2}, output=tmp_path / "resumed", progress=False)
+    resumed, _ = train.train(config, output=tmp_path / "resumed", progress=False)
+    assert drawn == [0, 1, 1, 2]  # resumed, it draws again the pair its epoch keeps from the one before
+    for a, b in zip(resumed.weights, straight.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="data.keep .* set data.draw"):
+        train.train({"data": {"keep": 2}}, output=tmp_path / "undrawn", progress=False)
+    with pytest.raises(ValueError, match="data.keep must be an integer >= 1"):
+        train.load_config({"data": {"keep": 0}})

@@ -88,6 +88,53 @@ def test_upsample2_is_trilinear_with_half_pixel_centres():
     assert constant.shape == (1, 4, 6, 8, 3) and np.allclose(constant, 1.0)
 
 
+def test_a_downsampling_network_works_on_averaged_images_and_scales_its_ddf_back():
+    model = network.RegistrationNetwork(**SMALL, downsample=2)
+    assert model.multiple == 8
+    moving = np.random.default_rng(0).uniform(-1000, 500, (1, *SHAPE)).astype(np.float32)
+    assert model.predict_ddf(moving, moving).shape == (1, *SHAPE, 3)
+    # A constant displacement of c voxels on the averaged grid is 2c voxels on the input grid.
+    c = np.array([0.5, -1.0, 0.25], np.float32)
+    model.heads[0].bias.assign(c)
+    np.testing.assert_allclose(model.predict_ddf(moving, moving), np.broadcast_to(2 * c, (1, *SHAPE, 3)), atol=1e-6)
+    # Averaging is what the network sees: a pair equal on every 2x2x2 block predicts as its average.
+    rng = np.random.default_rng(1)
+    for weight in model.weights:
+        weight.assign(rng.normal(0, 0.05, weight.shape).astype(np.float32))
+    blocks = rng.uniform(-900, 400, (1, 6, 4, 5)).astype(np.float32)  # inside the window: no clipping
+    coarse = np.repeat(np.repeat(np.repeat(blocks, 2, 1), 2, 2), 2, 3)  # SHAPE, constant on blocks
+    noise = rng.normal(0, 1, coarse.shape).astype(np.float32)
+    noise -= noise.reshape(1, 6, 2, 4, 2, 5, 2).mean(axis=(2, 4, 6)).repeat(2, 1).repeat(2, 2).repeat(2, 3)
+    np.testing.assert_allclose(model.predict_ddf(coarse + noise, coarse), model.predict_ddf(coarse, coarse), atol=1e-4)
+    with pytest.raises(ValueError, match="downsample must be 1, 2 or 4"):
+        network.RegistrationNetwork(**SMALL, downsample=3)
+
+
+def test_a_downsampling_network_is_trained_on_pairs_averaged_as_it_averages_its_images(tmp_path):
+    # Averaging a linear ramp gives the ramp at the block centres; the DDF also counts coarser voxels.
+    z = np.arange(8, dtype=np.float32)[:, None, None] * np.ones((8, 6, 4), np.float32)
+    arrays = {"fixed": z, "fixed_label": (z >= 4).astype(np.uint8), "ddf": np.stack([z, 2 * z, -z], -1)}
+    averaged = train._averaged(arrays, 2)
+    np.testing.assert_allclose(averaged["fixed"][:, 0, 0], [0.5, 2.5, 4.5, 6.5])
+    np.testing.assert_allclose(averaged["fixed_label"][:, 0, 0], [0, 0, 1, 1])
+    np.testing.assert_allclose(averaged["ddf"][:, 0, 0], np.stack([[0.5, 2.5, 4.5, 6.5]] * 3, -1) * [1, 2, -1] / 2)
+    assert train._averaged(arrays, 1) is arrays
+    # The saved model averages its own images: it predicts on the full grid what it learnt on the coarse one.
+    _write_dataset(tmp_path / "data", count=2)
+    config = {"name": "coarse", "data": {"root": str(tmp_path / "data")}, "model": {**SMALL, "downsample": 2},
+              "mode": "supervised", "epochs": 1}
+    model, _ = train.train(config, output=tmp_path / "run", progress=False)
+    saved = network.load(tmp_path / "run" / "coarse")
+    assert model.downsample == saved.downsample == 2
+    pair = _pair(0, shape=(16, 8, 16))
+    twin = network.RegistrationNetwork(**SMALL)  # the same weights without averaging, on averaged images
+    twin.set_weights(saved.get_weights())
+    small = train._averaged({"moving": pair.moving.image, "fixed": pair.fixed.image}, 2)
+    coarse = twin.predict_ddf(small["moving"], small["fixed"])
+    np.testing.assert_allclose(saved.predict_ddf(pair.moving.image, pair.fixed.image),
+                               2 * network.upsample2(tf.constant(coarse)).numpy(), atol=1e-5)
+
+
 def test_a_training_step_lowers_the_loss():
     # Every term at once (image, label, ground-truth DDF, regulariser): one trace covers all modes' terms.
     config = train.load_config({"mode": "combined", "weights": {"ddf": 1.0}, "ddf_outside_weight": 0.1, "model": SMALL,
@@ -117,7 +164,7 @@ def test_ddf_loss_and_its_region_weights():
 
 
 def test_saved_and_reloaded_model_predicts_the_same_ddf(tmp_path):
-    model = network.RegistrationNetwork(**SMALL)
+    model = network.RegistrationNetwork(**SMALL, downsample=2)
     rng = np.random.default_rng(0)
     for weight in model.weights:
         weight.assign(rng.normal(0, 0.05, weight.shape).astype(np.float32))
@@ -127,7 +174,7 @@ def test_saved_and_reloaded_model_predicts_the_same_ddf(tmp_path):
     info = network.save(model, tmp_path / "model", note="test")
     again = network.load(info)
     np.testing.assert_array_equal(again.predict_ddf(pair.moving.image, pair.fixed.image), ddf)
-    assert again.info["note"] == "test" and again.channels == model.channels
+    assert again.info["note"] == "test" and again.channels == model.channels and again.downsample == 2
 
 
 def test_load_refuses_weights_with_a_wrong_checksum(tmp_path, monkeypatch):
@@ -237,6 +284,12 @@ def test_config_rejects_unknown_keys_and_resolves_mode_weights():
         train.load_config({"weights": {"dice": 1.0}})
     config = train.load_config({"mode": "supervised", "weights": {"label": 0.5}})
     assert config["weights"] == {"image": 0.0, "label": 0.5, "ddf": 1.0, "regulariser": 0.0}
+
+
+def test_the_coarse_lung_config_trains_a_network_on_averaged_drawn_pairs():
+    config = train.load_config(Path(__file__).resolve().parents[1] / "configs" / "lung_ct_coarse.yaml")
+    assert config["model"]["downsample"] == 2 and config["data"]["draw"] > 0 and config["data"]["keep"] > 1
+    assert config["init"] is None and config["output"] == "runs/lung_ct_coarse"
 
 
 def test_train_command_checkpoints_and_resumes(tmp_path):

@@ -3,10 +3,10 @@
 `RegistrationNetwork` is a small encoder-decoder in the spirit of DeepReg's LocalNet: the moving
 and fixed images, stacked as two channels, go down three times by strided convolutions and back
 up; every decoder level (and the bottleneck) emits a DDF, and the DDFs are upsampled and summed,
-coarse to fine. The network works at half resolution and the summed DDF is upsampled
-(trilinearly) to the input grid: lung motion is smooth, and it keeps inference under a second per
-104x96x96 pair on a 2-core CPU. The DDF heads start at zero, so an untrained network predicts the
-identity warp. Its training objective is in `teachreg.objective`, its evaluation beside the
+coarse to fine. The network works at half resolution or coarser (`downsample` averages the
+images first) and the summed DDF is upsampled (trilinearly) to the input grid: lung motion is
+smooth, and it keeps inference well under a second per 104x96x96 pair on a 2-core CPU. The DDF
+heads start at zero, so an untrained network predicts the identity warp. Its training objective is in `teachreg.objective`, its evaluation beside the
 classical optimiser in `teachreg.evaluate`.
 
 Conventions as in `teachreg.spatial`: images `[batch, D, H, W]` (here in Hounsfield units), DDFs
@@ -78,19 +78,23 @@ class RegistrationNetwork(keras.Model):
     """A LocalNet-like DDF network: `model((moving, fixed))` -> DDF `[batch, D, H, W, 3]` (voxels).
 
     moving, fixed: `[batch, D, H, W]` in the units of `window` (HU for CT), any size: they are
-    normalised by `normalise(image, window)` and padded (edge values) to a multiple of
-    `2 ** len(channels)` voxels per axis; the DDF is cropped back. `channels`: the feature
-    channels of the encoder levels at 1/2, 1/4, 1/8 ... of the input resolution. All
+    normalised by `normalise(image, window)`, padded (mirrored) to a multiple of
+    `downsample * 2 ** len(channels)` voxels per axis and averaged over blocks of `downsample`
+    voxels per axis (1, 2 or 4); the DDF is upsampled back and cropped. `channels`: the feature
+    channels of the encoder levels at 1/2, 1/4, 1/8 ... of that averaged resolution. All
     convolutions are 3x3x3 with leaky ReLUs and no normalisation layers (batches are small).
     The last layer of each DDF head is zero-initialised, so an untrained network predicts 0.
     """
 
-    def __init__(self, channels=(16, 32, 32), window=WINDOW, **kwargs):
+    def __init__(self, channels=(16, 32, 32), window=WINDOW, downsample=1, **kwargs):
         super().__init__(**kwargs)
         self.channels = tuple(int(c) for c in channels)
         self.window = (float(window[0]), float(window[1]))
+        self.downsample = int(downsample)
         if not self.channels:
             raise ValueError("channels must list at least one level.")
+        if self.downsample not in (1, 2, 4):
+            raise ValueError(f"downsample must be 1, 2 or 4 (voxels averaged per axis), got {downsample!r}.")
 
         def conv(filters, name, strides=1):
             return keras.layers.Conv3D(filters, 3, strides=strides, padding="same", name=name)
@@ -124,7 +128,7 @@ class RegistrationNetwork(keras.Model):
     @property
     def multiple(self) -> int:
         """Each input axis is padded to a multiple of this many voxels."""
-        return 2 ** len(self.channels)
+        return self.downsample * 2 ** len(self.channels)
 
     def call(self, inputs, training=False):
         moving, fixed = inputs
@@ -133,6 +137,8 @@ class RegistrationNetwork(keras.Model):
         padded = (shape + self.multiple - 1) // self.multiple * self.multiple
         pad = padded - shape
         x = tf.pad(x, [[0, 0], [0, pad[0]], [0, pad[1]], [0, pad[2]], [0, 0]], mode="SYMMETRIC")
+        if self.downsample > 1:
+            x = tf.nn.avg_pool3d(x, self.downsample, self.downsample, "VALID")
         x = tf.cast(x, self.compute_dtype)
         skips = []
         for down, encode in zip(self.downs, self.encoders):
@@ -143,10 +149,13 @@ class RegistrationNetwork(keras.Model):
             x = self.activation(self.decoders[i](tf.concat([self.upsample(x), skips[i]], axis=-1)))
             ddf = upsample2(ddf) + self.heads[i](x)
         ddf = upsample2(ddf)
+        for _ in range(self.downsample.bit_length() - 1):  # back to the input grid: twice as many voxels each time
+            ddf = 2.0 * upsample2(ddf)
         return ddf[:, : shape[0], : shape[1], : shape[2]]
 
     def get_config(self):
-        return {**super().get_config(), "channels": list(self.channels), "window": list(self.window)}
+        return {**super().get_config(), "channels": list(self.channels), "window": list(self.window),
+                "downsample": self.downsample}
 
     def predict_ddf(self, moving, fixed, batch_size: int = 1) -> np.ndarray:
         """The DDF `[batch, D, H, W, 3]` (voxels, float32 NumPy) mapping each fixed image into its moving one.
@@ -190,7 +199,7 @@ def save(model: RegistrationNetwork, path, **metadata) -> Path:
     weights = stem.with_name(stem.name + ".weights.h5")
     model.save_weights(weights)
     info = {"weights": weights.name, "sha256": files.sha256(weights), "model": {"channels": list(model.channels),
-            "window": list(model.window)}, **metadata}
+            "window": list(model.window), "downsample": model.downsample}, **metadata}
     target = stem.with_name(stem.name + ".json")
     files.write_atomic(target, json.dumps(info, indent=1) + "\n")
     return target
