@@ -624,9 +624,9 @@ def test_build_leaves_out_motions_that_cannot_be_fitted_or_miss_a_cts_lungs(tmp_
     assert [m.name for m in motions] == ["inside_exp2ins", "outside_exp2ins"]
 
 
-def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
-    from teachreg import train
-
+def _drawing_on_small_grids(monkeypatch) -> tuple[list[lung.Source], list[lung.Motion], object, list[int]]:
+    """`_parts()` as the training split, and `lung.draw_pairs` on `SMALL_GRID`: (sources, motions,
+    the patched draw_pairs, the epochs it was called for, in order)."""
     sources, motions = _parts()
     draw_pairs, drawn = lung.draw_pairs, []
 
@@ -636,6 +636,13 @@ def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lung, "split_parts", lambda split, progress: {"train": (sources, motions)}[split])
     monkeypatch.setattr(lung, "draw_pairs", draw_small)
+    return sources, motions, draw_small, drawn
+
+
+def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
+    from teachreg import train
+
+    sources, motions, draw_small, drawn = _drawing_on_small_grids(monkeypatch)
     config = {"model": {"channels": [4, 8]}, "mode": "supervised", "data": {"draw": 2}, "epochs": 2,
               "augmentation": {"scale": 0.05, "fov_cut": 0.5, "intensity": 0.1}}
     _, history = train.train(config, output=tmp_path / "run", progress=False)
@@ -651,15 +658,7 @@ def test_training_on_pairs_drawn_every_epoch(tmp_path, monkeypatch):
 def test_drawn_pairs_kept_for_several_epochs_are_drawn_again_on_resuming(tmp_path, monkeypatch):
     from teachreg import train
 
-    sources, motions = _parts()
-    draw_pairs, drawn = lung.draw_pairs, []
-
-    def draw_small(sources, motions, count, seed, epoch):
-        drawn.append(epoch)
-        return draw_pairs(sources, motions, count, seed, epoch, **SMALL_GRID)
-
-    monkeypatch.setattr(lung, "split_parts", lambda split, progress: {"train": (sources, motions)}[split])
-    monkeypatch.setattr(lung, "draw_pairs", draw_small)
+    _, _, _, drawn = _drawing_on_small_grids(monkeypatch)
     config = {"model": {"channels": [4, 8], "downsample": 2}, "mode": "supervised", "data": {"draw": 1, "keep": 2},
               "epochs": 3}
     straight, _ = train.train(config, output=tmp_path / "straight", progress=False)
