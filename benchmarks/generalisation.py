@@ -45,7 +45,8 @@ def crossed(model) -> list[dict]:
             if motion.source != state or lung.landmarks_inside(source, motion) < lung.INSIDE_FRACTION:
                 continue  # as the splits couple them
             pair, _ = lung.make_pair(source, motion, f"{ct}/{motion.name}")
-            ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
+            ddf = model.predict_ddf(pair.moving.image, pair.fixed.image,
+                                    masks=evaluate.lung_masks(pair) if model.masks else None)
             row = evaluate.accuracy(ddf, pair)
             row.update(ct=ct, ct_split=ct_split, motion=motion.name,
                        patient=patient, motion_split=motion_split)

@@ -136,6 +136,29 @@ def test_a_downsampling_network_is_trained_on_pairs_averaged_as_it_averages_its_
                                2 * network.upsample2(tf.constant(coarse)).numpy(), atol=1e-5)
 
 
+def test_a_network_with_masks_takes_them_as_two_more_channels_and_is_trained_and_saved_with_them(tmp_path):
+    _write_dataset(tmp_path / "data", count=2)
+    config = {"name": "masked", "data": {"root": str(tmp_path / "data")}, "model": {**SMALL, "masks": True},
+              "mode": "supervised", "epochs": 3, "augmentation": {"scale": 0.0}}
+    model, history = train.train(config, output=tmp_path / "run", progress=False)
+    assert history[-1]["total"] < history[0]["total"]
+    saved = network.load(tmp_path / "run" / "masked")
+    assert saved.masks and saved.downs[0].kernel.shape[-2] == 4  # moving, fixed, moving mask, fixed mask
+    pair = _pair(0)
+    masks = (pair.moving.labels[..., 0], pair.fixed.labels[..., 0])
+    ddf = saved.predict_ddf(pair.moving.image, pair.fixed.image, masks=masks)
+    np.testing.assert_array_equal(ddf, model.predict_ddf(pair.moving.image, pair.fixed.image, masks=masks))
+    # The masks are inputs: the same images with the fixed mask moved predict another DDF.
+    moved = (masks[0], np.roll(masks[1], 2, axis=0))
+    assert np.abs(saved.predict_ddf(pair.moving.image, pair.fixed.image, masks=moved) - ddf).max() > 1e-4
+    with pytest.raises(ValueError, match="takes the lung masks of both images"):
+        saved.predict_ddf(pair.moving.image, pair.fixed.image)
+    with pytest.raises(ValueError, match="takes no masks"):
+        network.RegistrationNetwork(**SMALL).predict_ddf(pair.moving.image, pair.fixed.image, masks=masks)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        saved.predict_ddf(pair.moving.image, pair.fixed.image, masks=(masks[0] * 255, masks[1]))
+
+
 def test_a_training_step_lowers_the_loss():
     # Every term at once (image, label, ground-truth DDF, regulariser): one trace covers all modes' terms.
     config = train.load_config({"mode": "combined", "weights": {"ddf": 1.0}, "ddf_outside_weight": 0.1, "model": SMALL,
@@ -287,9 +310,10 @@ def test_config_rejects_unknown_keys_and_resolves_mode_weights():
     assert config["weights"] == {"image": 0.0, "label": 0.5, "ddf": 1.0, "regulariser": 0.0}
 
 
-def test_the_coarse_lung_config_trains_a_network_on_averaged_drawn_pairs():
+def test_the_coarse_lung_config_trains_a_network_with_masks_on_averaged_drawn_pairs():
     config = train.load_config(Path(__file__).resolve().parents[1] / "configs" / "lung_ct_coarse.yaml")
     assert config["model"]["downsample"] == 2 and config["data"]["draw"] > 0 and config["data"]["keep"] > 1
+    assert config["model"]["masks"]
     assert config["init"] is None and config["output"] == "runs/lung_ct_coarse"
 
 
@@ -408,7 +432,9 @@ def test_network_then_optimiser_aligns_the_masks_first():
     pair = _pair(11, shape=(16, 16, 16))
 
     class Still:  # a network that finds no motion: the result is the masks' alignment alone
-        def predict_ddf(self, moving, fixed):
+        masks = False
+
+        def predict_ddf(self, moving, fixed, masks=None):
             return np.zeros((1, *np.shape(fixed), 3), np.float32)
 
     masks = (pair.moving.labels[..., 0], pair.fixed.labels[..., 0])

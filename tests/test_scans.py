@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from teachreg import data, io
+from teachreg import data, io, network, presets
 from teachreg.cli import main
 
 SHIFT = np.array([3.0, -2.0, 1.5])  # mm, x, y, z: the moving image is the fixed one moved by SHIFT
@@ -118,6 +118,36 @@ def test_the_network_method_writes_a_field_on_the_fixed_grid(shifted_pair, tmp_p
                  "--method", "network", "--no-affine", "--quiet"]) == 0
     ddf, field = io.load_ddf(tmp_path / "ddf.nii.gz")
     assert ddf.shape == (1, 22, 24, 28, 3) and np.isfinite(ddf).all()
+
+
+def test_the_network_method_gives_a_network_that_takes_masks_the_lungs_it_finds(shifted_pair, tmp_path, monkeypatch,
+                                                                                 capsys):
+    mirror = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not mirror.is_dir():
+        pytest.skip(f"no data mirror at {mirror}")
+    monkeypatch.setenv("TEACHREG_DATA_MIRROR", str(mirror))
+    monkeypatch.setenv("TEACHREG_DATA_DIR", str(tmp_path / "cache"))
+    ct = data.fetch("chest_ct_cip")["chest_ct/cip/ct-64.nrrd"]
+    model = network.RegistrationNetwork(channels=[4], masks=True)
+    given = []
+
+    def predict_ddf(moving, fixed, masks=None):
+        given.append(masks)
+        return network.RegistrationNetwork.predict_ddf(model, moving, fixed, masks=masks)
+
+    monkeypatch.setattr(model, "predict_ddf", predict_ddf)
+    monkeypatch.setattr(network, "load_pretrained", lambda name="lung_ct": model)
+    assert main(["register", str(ct), str(ct), "--out", str(tmp_path / "out"), "--method", "network", "--no-affine",
+                 "--quiet"]) == 0
+    (masks,) = given
+    litres = [float(m.sum()) * np.prod(presets.LUNG_SPACING) / 1e6 for m in masks]
+    assert masks[0].shape == (1, *presets.LUNG_GRID) and 2 < litres[0] == litres[1] < 8  # both lungs of an adult
+    # Three blobs hold no lungs: the run stops with a message, before writing anything.
+    p = shifted_pair
+    assert main(["register", str(p / "moving.nii.gz"), str(p / "fixed.nii.gz"), "--out", str(tmp_path / "blobs"),
+                 "--method", "network", "--quiet"]) == 1
+    assert "the moving scan: no lungs found" in capsys.readouterr().err
+    assert not (tmp_path / "blobs").exists()
 
 
 def _chapter4_results() -> dict:

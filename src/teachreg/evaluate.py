@@ -26,19 +26,22 @@ def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
 
     pairs: Pairs with labels (the true `ddf` is optional: real pairs have none). Per pair, its
     name (or its index), the figures of `accuracy` and `seconds`, the wall time of `predict_ddf`
-    for the pair (after one warm-up call). The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
+    for the pair (after one warm-up call); a network that takes masks gets the pair's (`lung_masks`).
+    The means add `tre_ratio`, mean TRE over mean initial displacement, when the truth is known.
     With `classical` > 0, the first `classical` pairs are also registered by `register.nonrigid`
     (`classical_options`, by default `presets.LUNG_CLASSICAL`; images only, no labels): keys
     `classical_*`; `classical_seconds` is timed after a warm-up run that compiles the optimiser's
     steps, as `seconds` is after the network's first call.
     """
     rows = []
-    model.predict_ddf(pairs[0].moving.image, pairs[0].fixed.image)  # warm-up: trace the function once
+    predict = lambda pair: model.predict_ddf(pair.moving.image, pair.fixed.image,  # noqa: E731
+                                             masks=lung_masks(pair) if model.masks else None)
+    predict(pairs[0])  # warm-up: trace the function once
     if classical > 0:  # one step per level compiles every level (see register.nonrigid)
         register.nonrigid(pairs[0].moving.image, pairs[0].fixed.image, **{**classical_options, "steps": 1})
     for i, pair in enumerate(pairs):
         start = time.perf_counter()
-        ddf = model.predict_ddf(pair.moving.image, pair.fixed.image)
+        ddf = predict(pair)
         row = {"name": pair.name or str(i), "seconds": time.perf_counter() - start}
         row.update(accuracy(ddf, pair))
         if i < classical:
@@ -53,6 +56,11 @@ def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
     return {"pairs": rows, "mean": mean}
 
 
+def lung_masks(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """The lungs of a pair (its volumes' first labels): (moving mask, fixed mask), float32 0/1 `[D, H, W]`."""
+    return tuple((volume.labels[..., 0] > 0.5).astype(np.float32) for volume in (pair.moving, pair.fixed))
+
+
 def network_then_optimiser(model: RegistrationNetwork, moving, fixed, steps=presets.LUNG_REFINE_STEPS,
                            options=presets.LUNG_CLASSICAL, masks=None) -> register.Result:
     """Old and new together: the network's DDF, refined by a short run of the classical optimiser.
@@ -60,7 +68,8 @@ def network_then_optimiser(model: RegistrationNetwork, moving, fixed, steps=pres
     moving, fixed: images `[D, H, W]` in the network's units (HU for the lung CT model).
     masks: optional (moving mask, fixed mask), binary `[D, H, W]` (the lungs, given at test time as
     in Learn2Reg): the moving image is first aligned to the fixed one by `register.align_masks`
-    and the network predicts the rest, composed with that start. `register.nonrigid` (`options`,
+    and the network predicts the rest, composed with that start; a network that takes masks
+    (`RegistrationNetwork(masks=True)`) gets the aligned moving mask and the fixed one. `register.nonrigid` (`options`,
     by default `presets.LUNG_CLASSICAL`) then starts from the network's DDF (`initial`) for
     `steps` steps per level (by default `presets.LUNG_REFINE_STEPS`; all zeros: no refinement).
     Returns a `register.Result` (`ddf` `[1, D, H, W, 3]` voxels) whose `seconds` cover it all.
@@ -71,7 +80,9 @@ def network_then_optimiser(model: RegistrationNetwork, moving, fixed, steps=pres
         ddf = tf.constant(model.predict_ddf(moving, fixed))
     else:
         aligned = register.align_masks(*masks).ddf
-        rest = model.predict_ddf(spatial.warp(moving[None], aligned).numpy()[0], fixed)
+        moving_mask = spatial.warp(np.asarray(masks[0], np.float32)[None], aligned, padding="zeros").numpy()[0]
+        rest = model.predict_ddf(spatial.warp(moving[None], aligned).numpy()[0], fixed,
+                                 masks=((moving_mask >= 0.5).astype(np.float32), masks[1]) if model.masks else None)
         ddf = spatial.compose_ddf(aligned, rest)
     result = register.Result(ddf=ddf)
     if any(steps):

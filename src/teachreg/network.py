@@ -78,7 +78,9 @@ class RegistrationNetwork(keras.Model):
     """A LocalNet-like DDF network: `model((moving, fixed))` -> DDF `[batch, D, H, W, 3]` (voxels).
 
     moving, fixed: `[batch, D, H, W]` in the units of `window` (HU for CT), any size: they are
-    normalised by `normalise(image, window)`, padded (mirrored) to a multiple of
+    normalised by `normalise(image, window)`. With `masks`, the network also takes the two images'
+    masks (the lungs, in [0, 1]): `model((moving, fixed, moving_mask, fixed_mask))`, two more input
+    channels. All inputs are padded (mirrored) to a multiple of
     `downsample * 2 ** len(channels)` voxels per axis and averaged over blocks of `downsample`
     voxels per axis (1, 2 or 4); the DDF is upsampled back and cropped. `channels`: the feature
     channels of the encoder levels at 1/2, 1/4, 1/8 ... of that averaged resolution. All
@@ -86,11 +88,12 @@ class RegistrationNetwork(keras.Model):
     The last layer of each DDF head is zero-initialised, so an untrained network predicts 0.
     """
 
-    def __init__(self, channels=(16, 32, 32), window=WINDOW, downsample=1, **kwargs):
+    def __init__(self, channels=(16, 32, 32), window=WINDOW, downsample=1, masks=False, **kwargs):
         super().__init__(**kwargs)
         self.channels = tuple(int(c) for c in channels)
         self.window = (float(window[0]), float(window[1]))
         self.downsample = int(downsample)
+        self.masks = bool(masks)
         if not self.channels:
             raise ValueError("channels must list at least one level.")
         if self.downsample not in (1, 2, 4):
@@ -114,7 +117,7 @@ class RegistrationNetwork(keras.Model):
 
     def build(self, input_shape=None):
         """Create every weight (their shapes do not depend on the image size)."""
-        previous = 2
+        previous = 4 if self.masks else 2
         for i, c in enumerate(self.channels):
             self.downs[i].build((None, None, None, None, previous))
             self.encoders[i].build((None, None, None, None, c))
@@ -131,8 +134,12 @@ class RegistrationNetwork(keras.Model):
         return self.downsample * 2 ** len(self.channels)
 
     def call(self, inputs, training=False):
-        moving, fixed = inputs
-        x = tf.stack([normalise(moving, self.window), normalise(fixed, self.window)], axis=-1)
+        moving, fixed, *masks = inputs
+        if len(masks) != (2 if self.masks else 0):
+            raise ValueError(f"this network takes {'(moving, fixed, moving_mask, fixed_mask)' if self.masks else '(moving, fixed)'}"
+                             f", got {len(inputs)} inputs.")
+        x = tf.stack([normalise(moving, self.window), normalise(fixed, self.window)]
+                     + [tf.clip_by_value(tf.cast(m, tf.float32), 0.0, 1.0) for m in masks], axis=-1)
         shape = tf.shape(x)[1:4]
         padded = (shape + self.multiple - 1) // self.multiple * self.multiple
         pad = padded - shape
@@ -155,19 +162,31 @@ class RegistrationNetwork(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "channels": list(self.channels), "window": list(self.window),
-                "downsample": self.downsample}
+                "downsample": self.downsample, "masks": self.masks}
 
-    def predict_ddf(self, moving, fixed, batch_size: int = 1) -> np.ndarray:
+    def predict_ddf(self, moving, fixed, batch_size: int = 1, masks=None) -> np.ndarray:
         """The DDF `[batch, D, H, W, 3]` (voxels, float32 NumPy) mapping each fixed image into its moving one.
 
         moving, fixed: arrays `[batch, D, H, W]` (or one pair `[D, H, W]`, giving batch 1) in the
         units of `window` (HU for CT); normalised as in training. Runs `batch_size` pairs at a time.
+        masks: (moving mask, fixed mask), arrays of the images' shape, 1 inside the lungs and 0
+        outside; required by a network made with `masks=True` (the lung CT model), refused by others.
         """
         moving, fixed = (np.asarray(a, np.float32) for a in (moving, fixed))
+        if (masks is not None) != self.masks:
+            raise ValueError("this network takes the lung masks of both images: predict_ddf(moving, fixed, masks="
+                             "(moving_mask, fixed_mask)), 1 inside the lungs, 0 outside (teachreg.lung.segment_lungs "
+                             "finds them in a CT)" if self.masks else
+                             "this network takes no masks: call predict_ddf(moving, fixed)")
+        masks = [] if masks is None else [np.asarray(m, np.float32) for m in masks]
+        if len(masks) not in (0, 2):
+            raise ValueError(f"masks must be (moving mask, fixed mask), got {len(masks)} arrays.")
         if moving.ndim == 3:
-            moving, fixed = moving[None], fixed[None]
+            moving, fixed, masks = moving[None], fixed[None], [m[None] for m in masks]
         if moving.ndim != 4 or moving.shape != fixed.shape:
             raise ValueError(f"moving and fixed must both have shape [batch, D, H, W], got {moving.shape} and {fixed.shape}.")
+        if any(m.shape != moving.shape for m in masks):
+            raise ValueError(f"the masks must have the images' shape {moving.shape}, got {[m.shape for m in masks]}.")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         minimum = self.multiple // 2  # `call` mirrors each axis up to a multiple; a mirror adds at most n voxels
@@ -177,11 +196,17 @@ class RegistrationNetwork(keras.Model):
         for name, array in (("moving", moving), ("fixed", fixed)):
             if not np.isfinite(array).all():
                 raise ValueError(f"{name} contains NaN or infinite values; expected finite intensities (HU for CT), shape [batch, D, H, W].")
+        for name, mask in zip(("moving mask", "fixed mask"), masks):
+            if not (np.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
+                raise ValueError(f"the {name} must hold values in [0, 1] (1 inside the lungs), got values in "
+                                 f"[{np.nanmin(mask):g}, {np.nanmax(mask):g}].")
         if not hasattr(self, "_predict"):
             spec = tf.TensorSpec([None, None, None, None], tf.float32)
-            self._predict = tf.function(lambda m, f: self((m, f)), input_signature=[spec, spec])
+            inputs = 4 if self.masks else 2
+            self._predict = tf.function(lambda *arrays: self(arrays), input_signature=[spec] * inputs)
+        arrays = [moving, fixed, *masks]
         return np.concatenate([
-            self._predict(moving[i : i + batch_size], fixed[i : i + batch_size]).numpy()
+            self._predict(*(a[i : i + batch_size] for a in arrays)).numpy()
             for i in range(0, len(moving), batch_size)
         ])
 
@@ -199,7 +224,7 @@ def save(model: RegistrationNetwork, path, **metadata) -> Path:
     weights = stem.with_name(stem.name + ".weights.h5")
     model.save_weights(weights)
     info = {"weights": weights.name, "sha256": files.sha256(weights), "model": {"channels": list(model.channels),
-            "window": list(model.window), "downsample": model.downsample}, **metadata}
+            "window": list(model.window), "downsample": model.downsample, "masks": model.masks}, **metadata}
     target = stem.with_name(stem.name + ".json")
     files.write_atomic(target, json.dumps(info, indent=1) + "\n")
     return target

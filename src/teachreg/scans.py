@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 import tensorflow as tf
 
-from teachreg import files, io, metrics, network, presets, register, spatial
+from teachreg import files, io, lung, metrics, network, presets, register, spatial
 
 __all__ = ["METHODS", "AFFINE", "DEMONS", "OUTPUTS", "Progress", "resample", "register_files", "warp_file", "warp_points"]
 
@@ -109,20 +109,26 @@ def _network_ddf(moving: np.ndarray, fixed: np.ndarray, grid: sitk.Image) -> np.
 
     The network sees both images on its training grid (`presets.LUNG_GRID` at `presets.LUNG_SPACING`,
     axes along L, P, S) centred on `grid`, air (-1000 HU) outside them; its field is carried back in mm.
+    A network that takes lung masks gets those `lung.segment_lungs` finds in the two resampled CTs.
     """
-    lung = sitk.Image(list(presets.LUNG_GRID[::-1]), sitk.sitkUInt8)
-    lung.SetSpacing(presets.LUNG_SPACING[::-1])
+    lung_grid = sitk.Image(list(presets.LUNG_GRID[::-1]), sitk.sitkUInt8)
+    lung_grid.SetSpacing(presets.LUNG_SPACING[::-1])
     centre = grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])
-    lung.SetOrigin(np.asarray(centre) - (np.asarray(lung.GetSize()) - 1) / 2 * np.asarray(lung.GetSpacing()))
+    lung_grid.SetOrigin(np.asarray(centre) - (np.asarray(lung_grid.GetSize()) - 1) / 2 * np.asarray(lung_grid.GetSpacing()))
     pair = []
     for array in (moving, fixed):
         image = sitk.GetImageFromArray(array)
         image.CopyInformation(grid)
-        pair.append(resample(image, lung, outside=network.WINDOW[0])[None])
-    ddf = network.load_pretrained("lung_ct").predict_ddf(*pair)
+        pair.append(resample(image, lung_grid, outside=network.WINDOW[0])[None])
+    model = network.load_pretrained("lung_ct")
+    masks = None
+    if model.masks:  # the lungs of each scan, found by thresholding (on this grid, segment_lungs keeps every voxel)
+        masks = [lung.segment_lungs(image[0], presets.LUNG_SPACING, name)[0][None]
+                 for image, name in zip(pair, ("the moving scan", "the fixed scan"))]
+    ddf = model.predict_ddf(*pair, masks=masks)
     at_grid = spatial.resample(ddf, spatial.warp_grid(spatial.reference_grid(grid.GetSize()[::-1]),
-                                                      io.voxel_affine(lung, grid)[None]))
-    return io.ddf_from_mm(io.ddf_to_mm(at_grid.numpy(), lung), grid)
+                                                      io.voxel_affine(lung_grid, grid)[None]))
+    return io.ddf_from_mm(io.ddf_to_mm(at_grid.numpy(), lung_grid), grid)
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -62,8 +62,8 @@ DEFAULTS = {
     # keep: each epoch trains on the pairs drawn in the last `keep` epochs (itself included)
     "data": {"root": None, "split": "train", "draw": 0, "keep": 1},
     # channels of the encoder levels; window (HU) mapped to [0, 1]; downsample: voxels averaged per
-    # axis before the network (see network.RegistrationNetwork)
-    "model": {"channels": [16, 32, 32], "window": list(network.WINDOW), "downsample": 1},
+    # axis before the network; masks: the network also takes both lung masks (see network.RegistrationNetwork)
+    "model": {"channels": [16, 32, 32], "window": list(network.WINDOW), "downsample": 1, "masks": False},
     "mode": "unsupervised",
     "weights": {},  # override the mode's weights, e.g. {label: 1.0}
     "image_loss": "lncc",
@@ -447,7 +447,8 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     (`lung.split_parts("train")`, prepared once: 11 minutes on a 2-core CPU; then about 2 s per
     drawn pair), and trains on the pairs drawn in its last `data.keep` epochs; a resumed run
     draws the kept ones again. A model with `model.downsample` > 1 is trained on pairs averaged as
-    it averages its images (`make_dataset`'s `downsample`) and saved to average them itself.
+    it averages its images (`make_dataset`'s `downsample`) and saved to average them itself. A model
+    with `model.masks` gets each pair's first labels (the lungs, augmented as the images) as inputs.
     """
     config = load_config(config, **({"output": str(output)} if output else {}),
                          **({"epochs": epochs} if epochs is not None else {}))
@@ -456,7 +457,8 @@ def train(config=None, output=None, epochs: int | None = None, resume: bool = Tr
     if resuming:
         _check_resumable(out, config)
     weights = config["weights"]
-    labels = bool(weights["label"]) or (bool(weights["ddf"]) and config["ddf_outside_weight"] < 1)
+    labels = (bool(weights["label"]) or (bool(weights["ddf"]) and config["ddf_outside_weight"] < 1)
+              or config["model"]["masks"])
     keys = ["moving", "fixed"] + (["moving_label", "fixed_label"] if labels else []) + (["ddf"] if weights["ddf"] else [])
     draw, keep = config["data"]["draw"], config["data"]["keep"]
     if keep > 1 and not draw:
@@ -567,6 +569,11 @@ def _initialise(model: network.RegistrationNetwork, path) -> dict | None:
     return start.info
 
 
+def _first_label(labels: tf.Tensor) -> tf.Tensor:
+    """The first label `[batch, D, H, W]` of a batch's labels (`[batch, D, H, W]` or `[batch, D, H, W, L]`)."""
+    return labels if labels.shape.rank == 4 else labels[..., 0]
+
+
 def _train_step(model, optimizer, strategy: tf.distribute.Strategy, config: dict):
     """A compiled training step: per-replica losses, summed gradients, one optimiser update; returns the mean terms."""
     options = {"weights": config["weights"], "image_loss": config["image_loss"], "regulariser": config["regulariser"],
@@ -575,7 +582,8 @@ def _train_step(model, optimizer, strategy: tf.distribute.Strategy, config: dict
 
     def replica_step(batch):
         with tf.GradientTape() as tape:
-            ddf = model((batch["moving"], batch["fixed"]), training=True)
+            masks = [_first_label(batch[k]) for k in ("moving_label", "fixed_label")] if model.masks else []
+            ddf = model((batch["moving"], batch["fixed"], *masks), training=True)
             terms = objective.registration_losses(batch, ddf, **options)
             # Gradients are summed over replicas, so each replica's loss is divided by their number.
             scaled = optimizer.scale_loss(terms["total"] / strategy.num_replicas_in_sync)
