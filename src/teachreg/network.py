@@ -170,7 +170,7 @@ class RegistrationNetwork(keras.Model):
         moving, fixed: arrays `[batch, D, H, W]` (or one pair `[D, H, W]`, giving batch 1) in the
         units of `window` (HU for CT); normalised as in training. Runs `batch_size` pairs at a time.
         masks: (moving mask, fixed mask), arrays of the images' shape, 1 inside the lungs and 0
-        outside; required by a network made with `masks=True` (the lung CT model), refused by others.
+        outside; required by a network made with `masks=True`, refused by others.
         """
         moving, fixed = (np.asarray(a, np.float32) for a in (moving, fixed))
         if (masks is not None) != self.masks:
