@@ -17,7 +17,7 @@ from teachreg import metrics, presets, register, spatial
 from teachreg.data import Pair
 from teachreg.network import RegistrationNetwork
 
-__all__ = ["evaluate", "accuracy", "network_then_optimiser"]
+__all__ = ["evaluate", "accuracy", "lung_masks", "network_then_optimiser"]
 
 
 def evaluate(model: RegistrationNetwork, pairs: list[Pair], classical: int = 0,
